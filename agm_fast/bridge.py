@@ -1,0 +1,189 @@
+"""Reference math of AGM (DESIGN.md §1): pure PyTorch, fp32 unless the inputs are fp64.
+
+Every fast path (agm_fast.kernels, agm_fast._C) is tested against these functions. Time runs
+t ∈ [0, 1]: x0 ~ N(0, I) at t = 0, data x1 ∈ [-1, 1] at t = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from . import rng
+
+PREDICTS = ("drift", "x1")
+SCHEMES = ("softmax", "uniform")
+FAVOURS = ("coherent", "degenerate")
+NEGATIVES = ("pixel_shuffle", "patch_shuffle", "noise")
+
+
+def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample t [B] → [B, 1, 1, ...] to broadcast over a sample's elements."""
+    return t.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+# ----------------------------------------------------------------------------- noise and time
+
+def sample_t(seed: int, step: int, sample_index, t_min: float, t_eps: float,
+             device="cpu") -> torch.Tensor:
+    """t ~ U[t_min, 1 - t_eps] per sample (fp32), from the T stream: u ∈ (0, 1] → t ≤ 1 - t_eps."""
+    u = rng.uniform(seed, step, sample_index, rng.Stream.T, device)[:, 0]
+    return t_min + (1.0 - t_eps - t_min) * u
+
+
+def draw_bridge_noise(seed: int, step: int, sample_index, shape, device="cpu"):
+    """x0 and ε for a batch of `shape`, keyed per global sample (streams X0 and EPS)."""
+    x0 = rng.normal_like(tuple(shape), seed, step, sample_index, rng.Stream.X0, device)
+    eps = rng.normal_like(tuple(shape), seed, step, sample_index, rng.Stream.EPS, device)
+    return x0, eps
+
+
+# ----------------------------------------------------------------------------- the bridge
+
+def bridge_sample(x1: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
+                  sigma: float) -> torch.Tensor:
+    """x_t = (1-t)·x0 + t·x1 + σ·sqrt(t(1-t))·ε  (Brownian bridge from x0 to x1)."""
+    tb = _bcast(t, x1)
+    return (1 - tb) * x0 + tb * x1 + sigma * torch.sqrt(tb * (1 - tb)) * eps
+
+
+def drift_target(x1: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+                 sigma: float) -> torch.Tensor:
+    """u_t = (x1 - x_t)/(1 - t), written without the division: x1 - x0 - σ·sqrt(t/(1-t))·ε."""
+    tb = _bcast(t, x1)
+    return x1 - x0 - sigma * torch.sqrt(tb / (1 - tb)) * eps
+
+
+def drift_from_prediction(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                          predicts: str) -> torch.Tensor:
+    """The drift implied by the network output: itself, or (x̂1 - x_t)/(1 - t) for predicts=x1."""
+    if predicts == "drift":
+        return pred
+    if predicts == "x1":
+        return (pred - x_t) / (1 - _bcast(t, x_t))
+    raise ValueError(f"predicts must be one of {PREDICTS}, got {predicts!r}")
+
+
+# ----------------------------------------------------------------------------- the potential
+
+def negatives(x1: torch.Tensor, kind: str, seed: int, step: int, sample_index,
+              patch: int = 4) -> torch.Tensor:
+    """Structure-destroyed copies of x1 for the degenerate bridge x_t⁻ (NEGATIVES stream).
+
+    pixel_shuffle: one random permutation of pixel positions per image, shared by its
+      channels, so each image keeps its exact colour histogram but loses all structure.
+    patch_shuffle: the same on non-overlapping patch×patch tiles (a remainder strip stays).
+    noise: Gaussian noise with each image's per-channel mean and std.
+    """
+    b, c, h, w = x1.shape
+    if kind == "pixel_shuffle":
+        u = rng.uniform(seed, step, sample_index, rng.Stream.NEGATIVES, x1.device, numel=h * w)
+        perm = torch.argsort(u, dim=1)
+        flat = x1.reshape(b, c, h * w)
+        return torch.gather(flat, 2, perm[:, None, :].expand(b, c, h * w)).reshape(b, c, h, w)
+    if kind == "patch_shuffle":
+        ph, pw = h // patch, w // patch
+        if ph * pw < 2:
+            raise ValueError(f"patch_shuffle needs at least 2 patches of {patch}² in {h}×{w}")
+        u = rng.uniform(seed, step, sample_index, rng.Stream.NEGATIVES, x1.device, numel=ph * pw)
+        perm = torch.argsort(u, dim=1)
+        core = x1[:, :, : ph * patch, : pw * patch]
+        tiles = core.reshape(b, c, ph, patch, pw, patch).permute(0, 2, 4, 1, 3, 5)
+        tiles = tiles.reshape(b, ph * pw, c, patch, patch)
+        tiles = torch.gather(tiles, 1, perm[:, :, None, None, None].expand_as(tiles))
+        core = tiles.reshape(b, ph, pw, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
+        out = x1.clone()
+        out[:, :, : ph * patch, : pw * patch] = core.reshape(b, c, ph * patch, pw * patch)
+        return out
+    if kind == "noise":
+        z = rng.normal_like(tuple(x1.shape), seed, step, sample_index, rng.Stream.NEGATIVES,
+                            x1.device).to(x1.dtype)
+        mean = x1.mean(dim=(2, 3), keepdim=True)
+        std = x1.std(dim=(2, 3), keepdim=True, unbiased=False)
+        return mean + std * z
+    raise ValueError(f"potential.negatives must be one of {NEGATIVES}, got {kind!r}")
+
+
+def potential_hinge_loss(v_pos: torch.Tensor, v_neg: torch.Tensor, margin: float) -> torch.Tensor:
+    """Paper Eq. 10: L_V = mean(relu(m + V(x_t⁺, t) - V(x_t⁻, t))); coherent bridges get low V."""
+    return torch.relu(margin + v_pos - v_neg).mean()
+
+
+def importance_weights(v: torch.Tensor, scheme: str = "softmax", favour: str = "coherent",
+                       tau: float = 1.0, clip: float = 2.0) -> torch.Tensor:
+    """Stop-gradient importance weights from the batch's potentials (fp32, mean exactly 1).
+
+    s = clamp(standardise(sg[V]), -c, c) with the population std (s = 0 for B = 1 or equal V);
+    w = B·softmax(∓s/τ): − favours coherent (low-V) bridges, + degenerate ones (focal-style).
+    max/min ≤ e^(2c/τ). clip = inf turns clipping off. scheme=uniform gives w ≡ 1.
+    """
+    v = v.detach().to(torch.float32).reshape(-1)
+    b = v.numel()
+    if scheme == "uniform":
+        return torch.ones_like(v)
+    if scheme != "softmax":
+        raise ValueError(f"weights.scheme must be one of {SCHEMES}, got {scheme!r}")
+    if favour not in FAVOURS:
+        raise ValueError(f"weights.favour must be one of {FAVOURS}, got {favour!r}")
+    centred = v - v.mean()
+    std = centred.square().mean().sqrt()
+    if b == 1 or not bool(std > 0):
+        return torch.ones_like(v)
+    s = (centred / std).clamp(-clip, clip)
+    sign = -1.0 if favour == "coherent" else 1.0
+    return b * torch.softmax(sign * s / tau, dim=0)
+
+
+# ----------------------------------------------------------------------------- the drift loss
+
+class LossOutput(NamedTuple):
+    loss: torch.Tensor        # scalar, differentiable w.r.t. pred
+    per_sample: torch.Tensor  # [B] fp32 per-sample mean squared error (detached)
+    weights: torch.Tensor     # [B] fp32 importance weights of this chunk (detached)
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, w: torch.Tensor,
+                 normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paper Eq. 13 on a chunk: Σ_b w_b·mean_pixels((pred - target)²) / normalizer."""
+    err = (pred.to(torch.float32) - target.to(torch.float32)).square()
+    per_sample = err.reshape(err.shape[0], -1).mean(dim=1)
+    return (w * per_sample).sum() / normalizer, per_sample.detach()
+
+
+def weighted_bridge_loss(pred: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
+                         *, seed: int, step: int, sample_index, sigma: float,
+                         predicts: str = "drift", scheme: str = "softmax",
+                         favour: str = "coherent", tau: float = 1.0, clip: float = 2.0,
+                         v_offset: int = 0, normalizer: float | None = None) -> LossOutput:
+    """Reference of the fused loss: the drift loss of a chunk of the optimiser batch.
+
+    v holds sg[V(x_t⁺)] of the whole optimiser batch (all micro-batches and ranks); this chunk
+    is v[v_offset : v_offset + B]. x0 and ε are regenerated from the keys, so the caller never
+    stores them. normalizer defaults to B (a plain weighted mean over the chunk); the trainer
+    passes its per-rank batch size so that micro-batch losses add up to the batch mean.
+    """
+    b = pred.shape[0]
+    w_all = importance_weights(v, scheme, favour, tau, clip)
+    w = w_all[v_offset: v_offset + b].to(pred.device)
+    if predicts == "drift":
+        x0, eps = draw_bridge_noise(seed, step, sample_index, x1.shape, x1.device)
+        dt = torch.float64 if x1.dtype == torch.float64 else torch.float32
+        target = drift_target(x1.to(dt), x0.to(dt), eps.to(dt), t.to(dt), sigma)
+    elif predicts == "x1":
+        target = x1
+    else:
+        raise ValueError(f"model.predicts must be one of {PREDICTS}, got {predicts!r}")
+    loss, per_sample = weighted_mse(pred, target, w, float(b if normalizer is None else normalizer))
+    return LossOutput(loss, per_sample, w)
+
+
+def effective_sample_size(w: torch.Tensor) -> float:
+    """(Σw)²/Σw²: B for uniform weights, 1 when one sample takes all the weight."""
+    w = w.to(torch.float64)
+    return float(w.sum() ** 2 / w.square().sum())
+
+
+def weight_ratio_bound(clip: float, tau: float) -> float:
+    return math.exp(2 * clip / tau)

@@ -1,0 +1,1 @@
+"""Triton kernels of agm_fast, imported as agm_fast.kernels."""
