@@ -1,0 +1,368 @@
+"""Configuration: nested dataclasses, named presets (configs/*.toml) and `--set a.b=value` overrides.
+
+Every interpretation DESIGN.md §1 makes where the paper is silent is a field here, so a
+researcher can swap it without touching kernels. Errors are one line and name the field and
+what is allowed (ConfigError).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shapes"            # shapes (embedded procedural) | folder (images under data.path)
+    path: str = ""                     # image folder for dataset=folder (searched recursively)
+    resolution: int = 32               # images are centre-cropped and resized to this square size
+    channels: int = 3                  # 3 = RGB, 1 = grey
+    num_images: int = 20000            # size of the procedural dataset (dataset=shapes)
+    hflip: bool = False                # random horizontal flips (keyed noise, so resume is exact)
+    loader: str = "auto"               # auto | torch | dali
+    workers: int = 0                   # DataLoader worker processes
+
+
+@dataclass
+class ModelConfig:
+    channels: int = 64                 # base channel count of the drift U-Net
+    channel_mult: list = field(default_factory=lambda: [1, 2, 2])  # per-level multipliers
+    num_blocks: int = 1                # residual blocks per level
+    attn_resolutions: list = field(default_factory=lambda: [8])    # feature sizes with attention
+    num_heads: int = 4                 # attention heads
+    dropout: float = 0.0               # dropout in residual blocks
+    attention: str = "auto"            # auto | xformers | sdpa | math
+    predicts: str = "drift"            # drift | x1 (drift = (x̂1 - x_t)/(1-t), loss on x1)
+
+
+@dataclass
+class PotentialConfig:
+    channels: list = field(default_factory=lambda: [16, 32, 64])   # the three stride-2 convs
+    time_input: str = "channel"        # channel (t as a constant input channel) | film
+    margin: float = 1.0                # hinge margin m of paper Eq. 10
+    negatives: str = "pixel_shuffle"   # pixel_shuffle | patch_shuffle | noise
+    patch: int = 4                     # tile size for negatives=patch_shuffle
+
+
+@dataclass
+class BridgeConfig:
+    sigma: float = 0.5                 # bridge noise σ; 0 = rectified flow (ODE sampling)
+    t_min: float = 0.0                 # t ~ U[t_min, 1 - t_eps]
+    t_eps: float = 1e-3                # keeps t away from 1 where the drift target blows up
+
+
+@dataclass
+class WeightsConfig:
+    scheme: str = "softmax"            # softmax (AGM) | uniform (drift-only baseline, w ≡ 1)
+    favour: str = "coherent"           # coherent (w ∝ e^(-s/τ), low V) | degenerate (focal-style)
+    tau: float = 1.0                   # softmax temperature τ
+    clip: float = 2.0                  # clamp of standardised V to ±c (inf = off); max/min w ≤ e^(2c/τ)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4                   # AdamW learning rate of the drift net f_θ
+    lr_potential: float = 1e-4         # AdamW learning rate of the potential V_φ
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0          # AdamW decoupled weight decay (both nets)
+    warmup_steps: int = 200            # linear LR warm-up
+    schedule: str = "constant"         # constant | cosine (decay to 0 at train.steps)
+    grad_clip: float = 1.0             # global grad-norm clip per net (0 = off)
+
+
+@dataclass
+class EmaConfig:
+    halflife_kimg: float = 10.0        # EMA half-life in thousands of images (EDM)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000                  # optimiser steps
+    batch_size: int = 32               # images per optimiser step, all ranks and micro-batches
+    micro_batch: int = 0               # images per forward pass on one rank (0 = whole batch)
+    seed: int = 0                      # keys all training noise and the data order
+    kernels: str = "auto"              # auto | torch | triton (bridge sampling and fused loss)
+    precision: str = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    run_dir: str = "runs/default"      # checkpoints, logs, plots, samples
+    log_every: int = 10                # steps between console / metrics.jsonl lines
+    sample_every: int = 500            # steps between sample grids (0 = off)
+    sample_grid: int = 64              # images in each grid
+    eval_images: int = 256             # images for the end-of-run quality number (0 = off)
+    ckpt_every: int = 500              # steps between checkpoints (0 = only at the end)
+    keep_ckpts: int = 2                # checkpoints kept on disk
+    init_from: str = ""                # checkpoint dir or .safetensors to fine-tune from
+    max_nonfinite: int = 10            # non-finite losses skipped before the run stops
+    deterministic: bool = False        # torch deterministic algorithms (exact-resume tests)
+    threads: int = 0                   # torch CPU threads (0 = torch default)
+    progress: bool = True              # tqdm progress bar
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 200                   # Euler–Maruyama steps N (paper: 200); needs t_eps ≤ 1/N
+    em: str = "auto"                   # auto | torch | ext (fused C++/CUDA step)
+    cuda_graph: bool = False           # capture one sampling step as a CUDA graph
+    compile: bool = False              # torch.compile the drift net for sampling
+    bf16: bool = True                  # bf16 autocast when sampling on CUDA
+    batch_size: int = 64               # images per sampling batch
+    seed: int = 0                      # keys the sampler's noise
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    potential: PotentialConfig = field(default_factory=PotentialConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+CHOICES = {
+    "data.dataset": ("shapes", "folder"),
+    "data.loader": ("auto", "torch", "dali"),
+    "model.attention": ("auto", "xformers", "sdpa", "math"),
+    "model.predicts": ("drift", "x1"),
+    "potential.time_input": ("channel", "film"),
+    "potential.negatives": ("pixel_shuffle", "patch_shuffle", "noise"),
+    "weights.scheme": ("softmax", "uniform"),
+    "weights.favour": ("coherent", "degenerate"),
+    "optim.schedule": ("constant", "cosine"),
+    "train.kernels": ("auto", "torch", "triton"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "sample.em": ("auto", "torch", "ext"),
+}
+
+# (low, high, low inclusive, high inclusive); None = unbounded on that side
+RANGES = {
+    "data.resolution": (4, 4096, True, True), "data.channels": (1, 4, True, True),
+    "data.num_images": (1, None, True, True), "data.workers": (0, 64, True, True),
+    "model.channels": (1, None, True, True), "model.num_blocks": (1, None, True, True),
+    "model.num_heads": (1, None, True, True), "model.dropout": (0, 1, True, False),
+    "potential.margin": (0, None, False, True), "potential.patch": (1, None, True, True),
+    "bridge.sigma": (0, None, True, True), "bridge.t_min": (0, 1, True, False),
+    "bridge.t_eps": (0, 1, False, False),
+    "weights.tau": (0, None, False, True), "weights.clip": (0, None, False, True),
+    "optim.lr": (0, None, False, True), "optim.lr_potential": (0, None, False, True),
+    "optim.weight_decay": (0, None, True, True), "optim.warmup_steps": (0, None, True, True),
+    "optim.grad_clip": (0, None, True, True), "ema.halflife_kimg": (0, None, True, True),
+    "train.steps": (1, None, True, True), "train.batch_size": (1, None, True, True),
+    "train.micro_batch": (0, None, True, True), "train.seed": (0, 2**63 - 1, True, True),
+    "train.log_every": (1, None, True, True), "train.sample_every": (0, None, True, True),
+    "train.sample_grid": (1, 1024, True, True), "train.eval_images": (0, None, True, True), "train.ckpt_every": (0, None, True, True),
+    "train.keep_ckpts": (1, None, True, True), "train.max_nonfinite": (0, None, True, True),
+    "train.threads": (0, 256, True, True),
+    "sample.steps": (1, None, True, True), "sample.batch_size": (1, None, True, True),
+    "sample.seed": (0, 2**63 - 1, True, True),
+}
+
+
+# ----------------------------------------------------------------------------- introspection
+
+def _sections(cfg: Config):
+    for f in dataclasses.fields(cfg):
+        yield f.name, getattr(cfg, f.name)
+
+
+def field_names(cfg: Config | None = None) -> list[str]:
+    cfg = cfg or Config()
+    return [f"{s}.{f.name}" for s, sec in _sections(cfg) for f in dataclasses.fields(sec)]
+
+
+def _field_type(section, name: str):
+    hints = typing.get_type_hints(type(section))
+    return hints[name]
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_json(cfg: Config) -> str:
+    return json.dumps(to_dict(cfg), indent=1, default=_json_default)
+
+
+def _json_default(x):
+    raise TypeError(f"not JSON-serialisable: {x!r}")
+
+
+# ----------------------------------------------------------------------------- setting values
+
+def _coerce(key: str, value, typ):
+    """Convert a TOML/JSON/CLI value to the field's type, or raise ConfigError naming the key."""
+    if isinstance(value, str) and typ is not str:
+        value = _parse_cli_value(value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if typ is list:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list like [1, 2], got {value!r}")
+        return list(value)
+    raise ConfigError(f"{key}: unsupported field type {typ}")
+
+
+def _parse_cli_value(text: str):
+    """`--set` values: JSON/TOML-ish literals (numbers, true/false, [lists], inf), else a string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("inf", "+inf", "infinity"):
+        return math.inf
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, ValueError):
+        return text
+
+
+def set_value(cfg: Config, key: str, value) -> None:
+    parts = key.split(".")
+    sections = dict(_sections(cfg))
+    if len(parts) != 2 or parts[0] not in sections:
+        raise ConfigError(f"unknown config key {key!r}; sections are: {', '.join(sections)}")
+    sec = sections[parts[0]]
+    names = [f.name for f in dataclasses.fields(sec)]
+    if parts[1] not in names:
+        raise ConfigError(f"unknown config key {key!r}; {parts[0]}.* fields are: {', '.join(names)}")
+    setattr(sec, parts[1], _coerce(key, value, _field_type(sec, parts[1])))
+
+
+def update(cfg: Config, nested: dict, prefix: str = "") -> None:
+    """Apply a nested dict (from TOML or JSON) onto cfg."""
+    for k, v in nested.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            if prefix:
+                raise ConfigError(f"unknown config key {key!r}: sections do not nest")
+            update(cfg, v, f"{k}.")
+        else:
+            if not prefix:
+                raise ConfigError(f"config key {key!r} must be inside a section like [train]")
+            set_value(cfg, key, v)
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    key, value = text.split("=", 1)
+    return key.strip(), value
+
+
+# ----------------------------------------------------------------------------- presets
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def preset_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix == ".toml" and p.exists():
+        return p
+    q = CONFIG_DIR / f"{name}.toml"
+    if q.exists():
+        return q
+    raise ConfigError(f"unknown preset {name!r}: give a .toml file or one of {', '.join(preset_names())}")
+
+
+def load(preset: str | None = None, overrides: list[str] | tuple = (), extra: dict | None = None) -> Config:
+    """Defaults ← preset file ← `extra` dict ← `section.field=value` overrides; then validate."""
+    cfg = Config()
+    if preset:
+        path = preset_path(preset)
+        try:
+            update(cfg, tomllib.loads(path.read_text()))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    if extra:
+        update(cfg, extra)
+    for text in overrides:
+        set_value(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def from_dict(d: dict) -> Config:
+    cfg = Config()
+    update(cfg, d)
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _get(cfg: Config, key: str):
+    s, f = key.split(".")
+    return getattr(getattr(cfg, s), f)
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        v = _get(cfg, key)
+        if v not in allowed:
+            raise ConfigError(f"{key}={v!r} is not allowed; choose one of: {', '.join(allowed)}")
+    for key, (lo, hi, lo_inc, hi_inc) in RANGES.items():
+        v = _get(cfg, key)
+        if isinstance(v, float) and math.isnan(v):
+            raise ConfigError(f"{key} is NaN")
+        bad_lo = lo is not None and (v < lo if lo_inc else v <= lo)
+        bad_hi = hi is not None and (v > hi if hi_inc else v >= hi)
+        if bad_lo or bad_hi:
+            left = "[" if lo_inc else "("
+            right = "]" if hi_inc else ")"
+            raise ConfigError(f"{key}={v!r} is out of range {left}{lo}, {'∞' if hi is None else hi}{right}")
+    m, p, o, t = cfg.model, cfg.potential, cfg.optim, cfg.train
+    _int_list("model.channel_mult", m.channel_mult, min_len=1, lo=1)
+    _int_list("model.attn_resolutions", m.attn_resolutions, min_len=0, lo=1)
+    _int_list("potential.channels", p.channels, min_len=3, lo=1, max_len=3)
+    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas={o.betas!r}: expected two numbers in [0, 1)")
+    if cfg.bridge.t_min >= 1 - cfg.bridge.t_eps:
+        raise ConfigError("bridge.t_min must be below 1 - bridge.t_eps")
+    if cfg.bridge.t_eps > 1.0 / cfg.sample.steps:
+        raise ConfigError(f"bridge.t_eps={cfg.bridge.t_eps} must be ≤ 1/sample.steps={1 / cfg.sample.steps:.3g}: "
+                          "the sampler's last grid point must lie inside the trained t-range")
+    if t.micro_batch and t.batch_size % t.micro_batch:
+        raise ConfigError(f"train.micro_batch={t.micro_batch} must divide train.batch_size={t.batch_size}")
+    if cfg.data.dataset == "folder" and not cfg.data.path:
+        raise ConfigError("data.path must name an image folder when data.dataset=folder")
+    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
+        raise ConfigError(f"train.device={t.device!r}: use auto, cpu, cuda or cuda:N")
+
+
+def _int_list(key, v, *, min_len, lo, max_len=None):
+    if (not all(isinstance(x, int) and not isinstance(x, bool) and x >= lo for x in v)
+            or len(v) < min_len or (max_len is not None and len(v) > max_len)):
+        size = f"exactly {min_len}" if max_len == min_len else f"at least {min_len}"
+        raise ConfigError(f"{key}={v!r}: expected a list of {size} integers ≥ {lo}")

@@ -1,0 +1,108 @@
+"""The one place that knows there is more than one implementation of a fast path (DESIGN.md §3).
+
+Each switch resolves to (implementation, reason). `auto` means the fast path where it can run
+and the reference elsewhere; an explicit fast path that cannot run is an error, never a
+silent fallback. `agm-fast info` prints `describe()`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import bridge
+
+log = logging.getLogger("agm_fast")
+
+
+class UnavailableError(ValueError):
+    """An explicitly requested implementation cannot run here."""
+
+
+def _triton_status(device: torch.device) -> tuple[bool, str]:
+    try:
+        from agm_fast import kernels
+    except Exception as e:  # an import error of triton itself must not break the package
+        return False, f"agm_fast.kernels failed to import: {e}"
+    ok, why = kernels.available()
+    if device.type != "cuda":
+        if kernels.interpreter_active():
+            return True, "Triton interpreter (TRITON_INTERPRET=1) on CPU tensors"
+        return False, "Triton needs a CUDA device (or TRITON_INTERPRET=1 for tests on CPU)"
+    return ok, why
+
+
+def _ext_status(device: torch.device) -> tuple[bool, str]:
+    from agm_fast import ext
+    ok, why = ext.available(device)
+    return ok, why
+
+
+def resolve(switch: str, requested: str, device: torch.device) -> tuple[str, str]:
+    """Resolve `train.kernels` or `sample.em` to the implementation that will run, with why."""
+    device = torch.device(device)
+    if switch == "train.kernels":
+        fast, status = "triton", _triton_status
+    elif switch == "sample.em":
+        fast, status = "ext", _ext_status
+    else:
+        raise ValueError(f"unknown switch {switch!r}")
+    if requested == "torch":
+        return "torch", "reference PyTorch implementation (requested)"
+    ok, why = status(device)
+    if requested == fast:
+        if not ok:
+            raise UnavailableError(f"{switch}={fast} was requested but cannot run on {device}: {why}")
+        return fast, why
+    if requested != "auto":
+        raise ValueError(f"{switch}={requested!r} is not allowed; choose one of: auto, torch, {fast}")
+    if ok and device.type == "cuda":
+        return fast, why
+    if ok and fast == "ext":  # the C++ CPU op is a real fast path on CPU too
+        return fast, why
+    return "torch", f"auto: {why}" if not ok else f"auto: reference on {device.type} ({fast} only chosen on CUDA)"
+
+
+# ----------------------------------------------------------------------------- bridge ops
+
+def bridge_sample(impl: str, x1, t, *, seed, step, sample_index, sigma):
+    """x_t for the batch; x0 and ε keyed by (seed, step, sample_index)."""
+    if impl == "triton":
+        from agm_fast import kernels
+        return kernels.bridge_sample(x1, t, seed=seed, step=step, sample_index=sample_index, sigma=sigma)
+    x0, eps = bridge.draw_bridge_noise(seed, step, sample_index, x1.shape, x1.device)
+    return bridge.bridge_sample(x1.float(), t, x0, eps, sigma).to(x1.dtype)
+
+
+def weighted_bridge_loss(impl: str, pred, x1, t, v, **kw) -> bridge.LossOutput:
+    """The AGM drift loss (paper Eq. 13) of one chunk; see bridge.weighted_bridge_loss."""
+    if impl == "triton":
+        from agm_fast import kernels
+        return kernels.weighted_bridge_loss(pred, x1, t, v, **kw)
+    return bridge.weighted_bridge_loss(pred, x1, t, v, **kw)
+
+
+# ----------------------------------------------------------------------------- info
+
+def describe(device: torch.device | str = "cpu", train_kernels: str = "auto", sample_em: str = "auto",
+             attention: str = "auto") -> dict[str, tuple[str, str]]:
+    """What `auto` (or the given choices) resolves to on `device`, with the reason for each."""
+    from agm_fast import models
+    device = torch.device(device)
+    out = {}
+    for switch, req in (("train.kernels", train_kernels), ("sample.em", sample_em)):
+        try:
+            out[switch] = resolve(switch, req, device)
+        except ValueError as e:
+            out[switch] = ("unavailable", str(e))
+    try:
+        out["model.attention"] = models.resolve_attention(attention, device)
+    except ValueError as e:
+        out["model.attention"] = ("unavailable", str(e))
+    ok, why = _triton_status(device)
+    out["triton"] = ("available" if ok else "unavailable", why)
+    ok, why = _ext_status(device)
+    out["agm_fast._C"] = ("available" if ok else "unavailable", why)
+    out["data.loader"] = ("torch", "DALI loader not wired yet; torch DataLoader is used")
+    return out

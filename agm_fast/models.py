@@ -1,0 +1,414 @@
+"""The two networks of AGM (DESIGN.md §2): the drift U-Net f_θ(x_t, t) and the potential V_φ(x_t, t).
+
+DriftUNet   GroupNorm + SiLU residual blocks, sinusoidal time embedding + MLP injected into every
+            block (scale-shift or add), stride-2 down / nearest-neighbour up with skip connections,
+            self-attention at inner resolutions and in the bottleneck, zero-initialised output conv
+            (the drift starts at 0). Any H, W and C: the input is zero-padded to a multiple of
+            2^(levels-1) and the output cropped back.
+PotentialNet  three stride-2 Conv + GroupNorm + SiLU layers, adaptive average pool, linear → one fp32
+            scalar per sample; t enters as a constant input channel or by FiLM. ≈ 1.4 % of the drift
+            net's parameters (paper §3; see ARCH_PRESETS).
+
+Attention backends (`attention` ∈ ATTENTION_BACKENDS): 'xformers' (memory-efficient attention, CUDA
+only, imported lazily), 'sdpa' (torch.nn.functional.scaled_dot_product_attention), 'math' (the
+reference: softmax(QKᵀ/√d)V written out), 'auto' (xformers when it loads and runs on this CUDA
+device, else SDPA). An explicit backend that cannot run is a ValueError, never a silent fallback.
+The choice is resolved per device on the first forward (or by `net.resolve_attention_backend`),
+logged once on the 'agm_fast' logger and kept in `net.attention_backend`.
+
+Every network keeps its constructor arguments in `net.arch` (plain JSON values), so a checkpoint
+rebuilds it with `type(net)(**net.arch)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+logger = logging.getLogger("agm_fast")
+
+ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
+TIME_INJECTIONS = ("scale_shift", "add")
+TIME_INPUTS = ("channel", "film")
+TIME_SCALE = 1000.0  # t ∈ [0, 1] is scaled before the sinusoids so low frequencies still vary over [0, 1]
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters (works on the meta device: nothing is allocated)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def norm_groups(channels: int) -> int:
+    """GroupNorm groups: 32 when it divides `channels`, else the largest common divisor (always divides)."""
+    return math.gcd(32, channels)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding [B, dim] (fp32) of t·TIME_SCALE, periods from 2π up to 2π·10⁴ (DDPM/ADM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * TIME_SCALE)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    return F.pad(emb, (0, dim - 2 * half))  # odd dim: one zero column
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
+
+
+def _check_t(t, x: torch.Tensor) -> torch.Tensor:
+    """t as a float tensor [B] on x's device: accepts [B], [B, 1], a 0-dim tensor or a Python number."""
+    B = x.shape[0]
+    t = torch.as_tensor(t, device=x.device)
+    if not t.is_floating_point():
+        raise TypeError(f"t must be a floating-point tensor of shape [{B}] (times in [0, 1]); got dtype {t.dtype}")
+    if t.dim() == 0 or t.numel() == 1:
+        return t.reshape(1).expand(B)
+    if t.numel() != B:
+        raise ValueError(f"t must have shape [{B}] (one time per sample) or be a scalar; got {tuple(t.shape)}")
+    return t.reshape(B)
+
+
+def _check_x(x: torch.Tensor, in_channels: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != in_channels:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a tensor [B, {in_channels}, H, W] (in_channels={in_channels}); got {shape}")
+
+
+# ----------------------------------------------------------------------------- attention backends
+
+_XFORMERS_STATUS: dict[str, tuple[bool, str]] = {}  # device → (works, why); probed once per device
+_LOGGED: set[tuple[str, str, str]] = set()
+
+
+def _xformers_ops():
+    import xformers.ops  # lazy: optional dependency, and importing it initialises CUDA state
+
+    return xformers.ops
+
+
+def _xformers_importable() -> tuple[bool, str]:
+    if "import" not in _XFORMERS_STATUS:
+        try:
+            _xformers_ops()
+            _XFORMERS_STATUS["import"] = (True, "xformers.ops imports")
+        except Exception as e:  # ImportError, or a broken build raising anything at import
+            _XFORMERS_STATUS["import"] = (False, f"xformers.ops does not import ({type(e).__name__}: {e})")
+    return _XFORMERS_STATUS["import"]
+
+
+def _xformers_works(device: torch.device) -> tuple[bool, str]:
+    """Import xformers.ops and run one tiny memory-efficient attention on `device` (a CUDA build
+    for another torch/CUDA imports fine and fails only when an op is called)."""
+    if device.type != "cuda":
+        return False, f"xformers' memory-efficient attention needs a CUDA device; got {device.type}"
+    key = str(device)
+    if key not in _XFORMERS_STATUS:
+        ok, why = _xformers_importable()
+        if ok:
+            try:
+                q = torch.randn(1, 16, 1, 32, device=device, dtype=torch.float16)
+                _xformers_ops().memory_efficient_attention(q, q, q)
+                torch.cuda.synchronize(device)
+                why = f"xformers memory-efficient attention runs on {device}"
+            except Exception as e:
+                ok, why = False, f"xformers.ops imports but its attention fails on {device} ({type(e).__name__}: {e})"
+        _XFORMERS_STATUS[key] = (ok, why)
+    return _XFORMERS_STATUS[key]
+
+
+def resolve_attention(requested: str, device) -> tuple[str, str]:
+    """(backend actually used, reason) for `model.attention=requested` on `device`.
+
+    auto → 'xformers' when on CUDA and xformers.ops imports and runs, else 'sdpa'. An explicit
+    backend that cannot run raises ValueError (no silent fallback)."""
+    _check_choice("model.attention", requested, ATTENTION_BACKENDS)
+    device = torch.device(device)
+    allowed = ", ".join(repr(a) for a in ATTENTION_BACKENDS)
+    if requested == "math":
+        return "math", "requested explicitly (reference softmax(QKᵀ/√d)V)"
+    if requested == "sdpa":
+        return "sdpa", "requested explicitly"
+    ok, why = _xformers_works(device)
+    if requested == "xformers":
+        if not ok:
+            raise ValueError(f"model.attention='xformers' is unavailable: {why}. Allowed: {allowed} "
+                             "('auto' uses xformers where it runs and SDPA elsewhere)")
+        return "xformers", why
+    return ("xformers", why) if ok else ("sdpa", f"auto: {why}; using PyTorch SDPA")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """Multi-head self-attention on [B, heads, N, d] tensors with the resolved backend → [B, heads, N, d]."""
+    if backend == "math":
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, heads, N, N]
+        return scores.softmax(dim=-1) @ v
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if backend == "xformers":  # xformers takes [B, N, heads, d]
+        q, k, v = (a.transpose(1, 2).contiguous() for a in (q, k, v))
+        return _xformers_ops().memory_efficient_attention(q, k, v).transpose(1, 2)
+    raise ValueError(f"attention backend must be one of 'math', 'sdpa', 'xformers' (resolved); got {backend!r}")
+
+
+# ----------------------------------------------------------------------------- drift U-Net
+
+class SelfAttention(nn.Module):
+    """Pre-norm multi-head self-attention over the H·W positions, residual."""
+
+    def __init__(self, channels: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(norm_groups(channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+        q, k, v = qkv.transpose(-2, -1).unbind(1)  # each [B, heads, N, d]
+        out = attention(q, k, v, backend)
+        return x + self.proj(out.transpose(-2, -1).reshape(B, C, H, W))
+
+
+class ResBlock(nn.Module):
+    """GN → SiLU → conv3×3 → GN (+ time: scale-shift or add) → SiLU → dropout → conv3×3, residual;
+    then self-attention when `attention` is set (EDM2-style block)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, *, dropout: float, time_injection: str,
+                 attention: bool, num_heads: int):
+        super().__init__()
+        self.scale_shift = time_injection == "scale_shift"
+        self.norm1 = nn.GroupNorm(norm_groups(in_ch), in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if self.scale_shift else out_ch)
+        self.norm2 = nn.GroupNorm(norm_groups(out_ch), out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.attn = SelfAttention(out_ch, num_heads) if attention else None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, backend: str) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]
+        if self.scale_shift:  # ADM: norm(h)·(1 + scale) + shift
+            scale, shift = e.chunk(2, dim=1)
+            h = torch.addcmul(shift, self.norm2(h), 1 + scale)
+        else:  # DDPM: add the embedding before the norm
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        x = self.skip(x) + h
+        return self.attn(x, backend) if self.attn is not None else x
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DriftUNet(nn.Module):
+    """f_θ(x_t, t) → drift (or x̂1), same shape as x_t. forward(x [B,C,H,W], t [B] float in [0, 1])."""
+
+    def __init__(
+        self, *,
+        in_channels: int = 3,            # image channels C (1 = grey)
+        resolution: int = 64,            # nominal input size; level ℓ works at resolution // 2^ℓ
+        channels: int = 128,             # base width; level ℓ has channels · channel_mult[ℓ]
+        channel_mult=(1, 2, 2, 2),       # one entry per level; len-1 downsamplings
+        num_blocks: int = 2,             # residual blocks per level in the encoder (decoder: +1)
+        attn_resolutions=(16, 8),        # self-attention at levels whose resolution // 2^ℓ is listed
+        num_heads: int = 4,              # attention heads (must divide each attended width)
+        dropout: float = 0.0,            # dropout inside residual blocks
+        attention: str = "auto",         # model.attention: 'auto' | 'xformers' | 'sdpa' | 'math'
+        time_injection: str = "scale_shift",  # 'scale_shift' (ADM) | 'add' (DDPM)
+    ):
+        super().__init__()
+        _check_choice("model.attention", attention, ATTENTION_BACKENDS)
+        _check_choice("model.time_injection", time_injection, TIME_INJECTIONS)
+        channel_mult, attn_resolutions = tuple(int(m) for m in channel_mult), tuple(int(r) for r in attn_resolutions)
+        for name, value in dict(in_channels=in_channels, resolution=resolution, channels=channels,
+                                num_blocks=num_blocks, num_heads=num_heads).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{name} must be a positive int; got {value!r}")
+        if not channel_mult or min(channel_mult) < 1:
+            raise ValueError(f"model.channel_mult must be a non-empty list of positive ints; got {channel_mult!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1); got {dropout!r}")
+        if channels < 2:
+            raise ValueError(f"model.channels must be ≥ 2 (sinusoidal embedding width); got {channels}")
+        if attention == "xformers":  # fail at build time when it cannot even import; CUDA is checked per device
+            ok, why = _xformers_importable()
+            if not ok:
+                raise ValueError(f"model.attention='xformers' is unavailable: {why}. "
+                                 f"Allowed: {', '.join(repr(a) for a in ATTENTION_BACKENDS)}")
+        self.arch = dict(in_channels=in_channels, resolution=resolution, channels=channels,
+                         channel_mult=list(channel_mult), num_blocks=num_blocks,
+                         attn_resolutions=list(attn_resolutions), num_heads=num_heads, dropout=float(dropout),
+                         attention=attention, time_injection=time_injection)
+        self.in_channels, self.resolution, self.attention = in_channels, resolution, attention
+        self.pad_multiple = 2 ** (len(channel_mult) - 1)
+        self.attention_backend: str | None = None  # resolved on the first forward / resolve_attention_backend
+        self.attention_reason: str | None = None
+        self._attention_device: str | None = None
+
+        emb_dim = 4 * channels
+        self.time_mlp = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        block = lambda cin, cout, attn: ResBlock(cin, cout, emb_dim, dropout=dropout, time_injection=time_injection,
+                                                 attention=attn, num_heads=num_heads)
+        widths = [channels * m for m in channel_mult]
+        attended = [resolution // 2 ** lvl in attn_resolutions for lvl in range(len(widths))] + [True]
+        for w, attn in zip(widths + [widths[-1]], attended):
+            if attn and w % num_heads:
+                raise ValueError(f"model.num_heads={num_heads} must divide every attended width; got width {w}")
+
+        # encoder: every module's output is kept as a skip for the decoder
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.enc = nn.ModuleDict()
+        skips, ch = [channels], channels
+        for lvl, w in enumerate(widths):
+            for i in range(num_blocks):
+                self.enc[f"level{lvl}_block{i}"] = block(ch, w, attended[lvl])
+                ch = w
+                skips.append(ch)
+            if lvl != len(widths) - 1:
+                self.enc[f"level{lvl}_down"] = Downsample(ch)
+                skips.append(ch)
+
+        # bottleneck: always attends (as DDPM/ADM), at the lowest resolution
+        self.mid = nn.ModuleList([block(ch, ch, True), block(ch, ch, False)])
+
+        # decoder: num_blocks + 1 blocks per level, each eating one skip
+        self.dec = nn.ModuleDict()
+        for lvl in reversed(range(len(widths))):
+            for i in range(num_blocks + 1):
+                self.dec[f"level{lvl}_block{i}"] = block(ch + skips.pop(), widths[lvl], attended[lvl])
+                ch = widths[lvl]
+            if lvl != 0:
+                self.dec[f"level{lvl}_up"] = Upsample(ch)
+
+        self.norm_out = nn.GroupNorm(norm_groups(ch), ch)
+        self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)  # the drift starts at exactly 0
+        nn.init.zeros_(self.conv_out.bias)
+
+    def resolve_attention_backend(self, device) -> str:
+        """Resolve model.attention for `device` (once per device type), log it, return the backend."""
+        device = torch.device(device)
+        if self._attention_device != str(device):
+            self.attention_backend, self.attention_reason = resolve_attention(self.attention, device)
+            self._attention_device = str(device)
+            key = (self.attention, self.attention_backend, str(device))
+            if key not in _LOGGED:
+                _LOGGED.add(key)
+                logger.info("DriftUNet attention: model.attention=%r → %s on %s (%s)", self.attention,
+                            self.attention_backend, device, self.attention_reason)
+        return self.attention_backend
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        _check_x(x, self.in_channels)
+        t = _check_t(t, x)
+        backend = self.resolve_attention_backend(x.device)
+
+        # pad H, W to a multiple of 2^(levels-1) (zeros, centred) so every downsampling is exact
+        H, W = x.shape[-2:]
+        ph, pw = -H % self.pad_multiple, -W % self.pad_multiple
+        if ph or pw:
+            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+
+        emb = self.time_mlp(timestep_embedding(t, self.time_mlp[0].in_features))
+        h = self.conv_in(x)
+        skips = [h]
+        for module in self.enc.values():
+            h = module(h, emb, backend) if isinstance(module, ResBlock) else module(h)
+            skips.append(h)
+        for module in self.mid:
+            h = module(h, emb, backend)
+        for module in self.dec.values():
+            if isinstance(module, ResBlock):
+                h = module(torch.cat([h, skips.pop()], dim=1), emb, backend)
+            else:
+                h = module(h)
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return out[..., ph // 2: ph // 2 + H, pw // 2: pw // 2 + W]
+
+
+# ----------------------------------------------------------------------------- potential
+
+class PotentialNet(nn.Module):
+    """V_φ(x_t, t) → [B] fp32 (paper Fig. 1: three stride-2 Conv+GN layers, AvgPool, linear)."""
+
+    def __init__(
+        self, *,
+        in_channels: int = 3,            # image channels C
+        resolution: int = 64,            # nominal input size (metadata; any H, W works)
+        channels=(32, 64, 128),          # width of each stride-2 Conv + GroupNorm + SiLU layer
+        time_input: str = "channel",     # 'channel': t as a constant extra input channel; 'film': FiLM
+        film_dim: int = 32,              # sinusoidal embedding width feeding FiLM ('film' only)
+    ):
+        super().__init__()
+        _check_choice("potential.time_input", time_input, TIME_INPUTS)
+        channels = tuple(int(c) for c in channels)
+        if not channels or min(channels) < 1:
+            raise ValueError(f"potential.channels must be a non-empty list of positive ints; got {channels!r}")
+        for name, value in dict(in_channels=in_channels, resolution=resolution, film_dim=film_dim).items():
+            if not isinstance(value, int) or value < 2 - (name != "film_dim"):
+                raise ValueError(f"potential.{name} must be a positive int (film_dim ≥ 2); got {value!r}")
+        self.arch = dict(in_channels=in_channels, resolution=resolution, channels=list(channels),
+                         time_input=time_input, film_dim=film_dim)
+        self.in_channels, self.time_input, self.film_dim = in_channels, time_input, film_dim
+
+        cin = in_channels + (time_input == "channel")
+        self.convs, self.norms = nn.ModuleList(), nn.ModuleList()
+        self.films = nn.ModuleList() if time_input == "film" else None
+        for c in channels:
+            self.convs.append(nn.Conv2d(cin, c, 3, stride=2, padding=1))
+            self.norms.append(nn.GroupNorm(norm_groups(c), c))
+            if self.films is not None:
+                self.films.append(nn.Linear(film_dim, 2 * c))
+            cin = c
+        self.head = nn.Linear(cin, 1)
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        _check_x(x, self.in_channels)
+        t = _check_t(t, x)
+        B, _, H, W = x.shape
+        if self.time_input == "channel":
+            x = torch.cat([x, t.to(x.dtype)[:, None, None, None].expand(B, 1, H, W)], dim=1)
+        else:
+            emb = timestep_embedding(t, self.film_dim)
+        h = x
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            h = norm(conv(h))
+            if self.films is not None:  # FiLM: norm(h)·(1 + γ(t)) + β(t)
+                gamma, beta = self.films[i](emb)[:, :, None, None].chunk(2, dim=1)
+                h = torch.addcmul(beta.to(h.dtype), h, (1 + gamma).to(h.dtype))
+            h = F.silu(h)
+        h = h.mean(dim=(2, 3))  # adaptive average pool to 1×1
+        with torch.autocast(device_type=x.device.type, enabled=False):  # the scalar is fp32 under any autocast
+            return F.linear(h.float(), self.head.weight.float(), self.head.bias.float()).squeeze(1)
+
+
+# ----------------------------------------------------------------------------- presets
+# Drift nets follow DDPM/ADM widths; the potential's widths are chosen so that
+# count(potential) / count(drift) ≈ 1.4 % (paper), within 0.5–3 % for every preset.
+# Counts (drift, potential, ratio) are printed by `python -m agm_fast.models`.
+
+ARCH_PRESETS: dict[str, dict] = {}

@@ -1,0 +1,518 @@
+"""The AGM trainer (DESIGN.md §1): drift U-Net f_θ by weighted bridge matching, potential V_φ
+by the hinge-margin contrastive loss, EMA of θ for sampling.
+
+One iteration (`Trainer.train_step`):
+  1. t, x_t⁺ = bridge(x1), x_t⁻ = bridge(negatives(x1)) with the same t, x0, ε      (§1)
+  2. V(x_t⁺), V(x_t⁻) for every micro-batch first; L_V (paper Eq. 10) → grads of φ
+  3. w from sg[V(x_t⁺)] of the whole optimiser batch; L_f (paper Eq. 13) → grads of θ
+  4. non-finite guard, grad clipping, one AdamW step of θ and one of φ, EMA of θ
+All noise is keyed by (seed, step, global sample index, stream) and the data order by
+(seed, global sample index), so a resumed run repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import bridge, config as config_mod, dispatch
+from .config import Config, ConfigError
+
+log = logging.getLogger("agm_fast")
+
+CKPT_PREFIX = "ckpt-"
+T_BINS = 4  # mean importance weight per t-bin: [0, .25), [.25, .5), [.5, .75), [.75, 1)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (diverged, bad checkpoint); the message says why and what is intact."""
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available; use auto or cpu")
+    return dev
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict:
+    import numpy
+    v = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
+         "cuda": torch.version.cuda}
+    try:
+        import triton
+        v["triton"] = triton.__version__
+    except ImportError:
+        v["triton"] = None
+    from . import __version__
+    v["agm_fast"] = __version__
+    return v
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def drift_arch(cfg: Config) -> dict:
+    m, d = cfg.model, cfg.data
+    return dict(in_channels=d.channels, resolution=d.resolution, channels=m.channels,
+                channel_mult=list(m.channel_mult), num_blocks=m.num_blocks,
+                attn_resolutions=list(m.attn_resolutions), num_heads=m.num_heads,
+                dropout=m.dropout, attention=m.attention)
+
+
+def potential_arch(cfg: Config) -> dict:
+    p, d = cfg.potential, cfg.data
+    return dict(in_channels=d.channels, resolution=d.resolution, channels=list(p.channels),
+                time_input=p.time_input)
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Linear warm-up to 1, then constant or cosine decay to 0 at train.steps."""
+    o = cfg.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "cosine":
+        span = max(1, cfg.train.steps - o.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - o.warmup_steps) / span)))
+    return 1.0
+
+
+def ema_beta(cfg: Config) -> float:
+    """Per-step EMA decay from the half-life in images (EDM): β^(batch/halflife) = 1/2."""
+    h = cfg.ema.halflife_kimg * 1000
+    return 0.5 ** (cfg.train.batch_size / h) if h > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- optimiser state I/O
+# Optimiser state goes to safetensors + JSON so that loading never unpickles anything.
+
+def _optim_tensors(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{prefix}.{idx}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _load_optim(opt: torch.optim.Optimizer, prefix: str, tensors: dict, groups: dict) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        p, idx, k = key.split(".", 2)
+        if p == prefix:
+            state.setdefault(int(idx), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+class Trainer:
+    def __init__(self, cfg: Config, *, resume: bool = True):
+        from . import data, models  # noqa: F401  (imported here: heavy and optional parts)
+
+        self.cfg = cfg
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=False)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        self.device = resolve_device(t.device)
+        self.rank, self.world = 0, 1
+        self.run_dir = Path(t.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.per_rank_batch = t.batch_size // self.world
+        self.micro = t.micro_batch or self.per_rank_batch
+        if self.per_rank_batch % self.micro:
+            raise ConfigError(f"train.micro_batch={t.micro_batch} must divide the per-rank batch {self.per_rank_batch}")
+        if t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda"):
+            self.autocast_dtype = torch.bfloat16
+        else:
+            self.autocast_dtype = None
+
+        self.kernels_impl, why = dispatch.resolve("train.kernels", t.kernels, self.device)
+        log.info("train.kernels: %s (%s)", self.kernels_impl, why)
+
+        self.dataset = data.make_dataset(cfg.data.dataset, path=cfg.data.path or None,
+                                         resolution=cfg.data.resolution, channels=cfg.data.channels,
+                                         num_images=cfg.data.num_images, seed=t.seed)
+        torch.manual_seed(t.seed)
+        self.drift = models.DriftUNet(**drift_arch(cfg)).to(self.device)
+        self.potential = models.PotentialNet(**potential_arch(cfg)).to(self.device)
+        self.ema = copy.deepcopy(self.drift).eval().requires_grad_(False)
+        log.info("model.attention: %s", getattr(self.drift, "attention_backend", "?"))
+        self.n_drift = models.count_parameters(self.drift)
+        self.n_potential = models.count_parameters(self.potential)
+        log.info("parameters: drift %s, potential %s (%.2f %% of drift)", f"{self.n_drift:,}",
+                 f"{self.n_potential:,}", 100 * self.n_potential / self.n_drift)
+        o = cfg.optim
+        self.opt_f = torch.optim.AdamW(self.drift.parameters(), lr=o.lr, betas=tuple(o.betas),
+                                       weight_decay=o.weight_decay)
+        self.opt_v = torch.optim.AdamW(self.potential.parameters(), lr=o.lr_potential,
+                                       betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.step = 0
+        self.nonfinite = 0
+        self.stop_signal: str | None = None
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        latest = self.latest_checkpoint() if resume else None
+        if latest is not None:
+            self.load_checkpoint(latest)
+            log.info("resumed from %s at step %d", latest, self.step)
+        elif t.init_from:
+            self.init_from(t.init_from)
+        self._truncate_metrics()
+        self._write_run_info()
+        self.loader = data.BatchLoader(self.dataset, batch_size=self.per_rank_batch,
+                                       global_batch=t.batch_size, rank_offset=self.rank * self.per_rank_batch,
+                                       seed=t.seed, start_step=self.step, hflip=cfg.data.hflip,
+                                       workers=cfg.data.workers, loader=cfg.data.loader)
+
+    # ------------------------------------------------------------------ run bookkeeping
+    def _write_run_info(self) -> None:
+        atomic_write_text(self.run_dir / "config.json", config_mod.to_json(self.cfg) + "\n")
+        info = {"git_commit": git_commit(), "versions": package_versions(), "device": str(self.device),
+                "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+                "implementations": {"train.kernels": self.kernels_impl,
+                                    "model.attention": getattr(self.drift, "attention_backend", None),
+                                    "autocast": str(self.autocast_dtype)},
+                "parameters": {"drift": self.n_drift, "potential": self.n_potential},
+                "drift_arch": drift_arch(self.cfg), "potential_arch": potential_arch(self.cfg)}
+        atomic_write_text(self.run_dir / "run_info.json", json.dumps(info, indent=1) + "\n")
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines past the resumed step (a killed run may have logged beyond its checkpoint)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < self.step]
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+    # ------------------------------------------------------------------ checkpoints
+    def latest_checkpoint(self) -> Path | None:
+        if not self.ckpt_dir.exists():
+            return None
+        done = sorted(p for p in self.ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
+                      and not p.name.endswith(".tmp") and (p / "state.json").exists())
+        return done[-1] if done else None
+
+    def save_checkpoint(self) -> Path:
+        """Write ckpt-<step>/ into a temporary directory, then rename it into place (atomic)."""
+        from .sampler import save_drift
+
+        final = self.ckpt_dir / f"{CKPT_PREFIX}{self.step:08d}"
+        tmp = self.ckpt_dir / (final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        cfg_dict = config_mod.to_dict(self.cfg)
+        meta = {"format": "agm_fast.checkpoint.v1", "step": str(self.step)}
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.drift.state_dict().items()},
+                  tmp / "drift.safetensors", metadata=meta)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.potential.state_dict().items()},
+                  tmp / "potential.safetensors", metadata=meta)
+        save_drift(tmp / "ema.safetensors", self.ema.state_dict(), drift_arch(self.cfg),
+                   predicts=self.cfg.model.predicts, sigma=self.cfg.bridge.sigma, t_min=self.cfg.bridge.t_min,
+                   t_eps=self.cfg.bridge.t_eps, config=cfg_dict, step=self.step)
+        tf, gf = _optim_tensors("drift", self.opt_f)
+        tv, gv = _optim_tensors("potential", self.opt_v)
+        save_file({**tf, **tv}, tmp / "optim.safetensors", metadata=meta)
+        state = {"format": "agm_fast.checkpoint.v1", "step": self.step, "nonfinite": self.nonfinite,
+                 "seed": self.cfg.train.seed, "data_position": {"global_sample": self.step * self.cfg.train.batch_size},
+                 "config": cfg_dict, "drift_arch": drift_arch(self.cfg), "potential_arch": potential_arch(self.cfg),
+                 "optim_groups": {"drift": gf, "potential": gv}}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+        for f in tmp.iterdir():  # data on disk before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        old = sorted(p for p in self.ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
+                     and not p.name.endswith(".tmp"))
+        for p in old[: -self.cfg.train.keep_ckpts]:
+            shutil.rmtree(p, ignore_errors=True)
+        return final
+
+    def _check_arch(self, source: Path, saved: dict, expected: dict, what: str) -> None:
+        if saved != expected:
+            diff = ", ".join(f"{k}: {saved.get(k)!r} there vs {expected.get(k)!r} here"
+                             for k in sorted(set(saved) | set(expected)) if saved.get(k) != expected.get(k))
+            raise TrainingError(f"{source}: {what} architecture differs from this config ({diff})")
+
+    def _read_state(self, ckpt: Path) -> dict:
+        try:
+            state = json.loads((ckpt / "state.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise TrainingError(f"{ckpt}: not a readable agm_fast checkpoint ({e})") from None
+        if state.get("format") != "agm_fast.checkpoint.v1":
+            raise TrainingError(f"{ckpt}: unknown checkpoint format {state.get('format')!r}")
+        return state
+
+    def load_checkpoint(self, ckpt: Path) -> None:
+        state = self._read_state(ckpt)
+        self._check_arch(ckpt, state["drift_arch"], drift_arch(self.cfg), "drift net")
+        self._check_arch(ckpt, state["potential_arch"], potential_arch(self.cfg), "potential net")
+        self.drift.load_state_dict(load_file(ckpt / "drift.safetensors", device=str(self.device)))
+        self.potential.load_state_dict(load_file(ckpt / "potential.safetensors", device=str(self.device)))
+        self.ema.load_state_dict(load_file(ckpt / "ema.safetensors", device=str(self.device)))
+        opt = load_file(ckpt / "optim.safetensors", device=str(self.device))
+        _load_optim(self.opt_f, "drift", opt, state["optim_groups"]["drift"])
+        _load_optim(self.opt_v, "potential", opt, state["optim_groups"]["potential"])
+        self.step, self.nonfinite = state["step"], state["nonfinite"]
+
+    def init_from(self, source: str) -> None:
+        """Fine-tuning start: weights (drift, EMA and, from a checkpoint dir, V_φ); fresh optimisers, step 0."""
+        src = Path(source)
+        if src.is_dir() and (src / "checkpoints").is_dir():  # a run directory: its latest checkpoint
+            ckpts = sorted(p for p in (src / "checkpoints").iterdir() if (p / "state.json").exists())
+            if not ckpts:
+                raise TrainingError(f"train.init_from={source!r}: the run has no complete checkpoint")
+            src = ckpts[-1]
+        if src.is_dir():
+            state = self._read_state(src)
+            self._check_arch(src, state["drift_arch"], drift_arch(self.cfg), "drift net")
+            self.drift.load_state_dict(load_file(src / "drift.safetensors", device=str(self.device)))
+            self.ema.load_state_dict(load_file(src / "ema.safetensors", device=str(self.device)))
+            if state["potential_arch"] == potential_arch(self.cfg):
+                self.potential.load_state_dict(load_file(src / "potential.safetensors", device=str(self.device)))
+        elif src.suffix == ".safetensors" and src.exists():
+            from .sampler import load_drift
+            net, meta = load_drift(src, device=self.device)
+            self._check_arch(src, json.loads(meta["drift_arch"]), drift_arch(self.cfg), "drift net")
+            self.drift.load_state_dict(net.state_dict())
+            self.ema.load_state_dict(net.state_dict())
+        else:
+            raise TrainingError(f"train.init_from={source!r}: expected a run directory, a checkpoint "
+                                "directory or an EMA .safetensors file")
+        log.info("initialised weights from %s", src)
+
+    # ------------------------------------------------------------------ one iteration
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, indices: torch.Tensor, x1: torch.Tensor) -> dict:
+        cfg, step = self.cfg, self.step
+        seed, sigma = cfg.train.seed, cfg.bridge.sigma
+        torch.manual_seed((seed * 1_000_003 + step) % 2**63)  # dropout: keyed by step, so resume is exact
+        x1 = x1.to(self.device, non_blocking=True)
+        indices = indices.to(self.device)
+        t = bridge.sample_t(seed, step, indices, cfg.bridge.t_min, cfg.bridge.t_eps, self.device)
+        keys = dict(seed=seed, step=step, sample_index=indices, sigma=sigma)
+        x_pos = dispatch.bridge_sample(self.kernels_impl, x1, t, **keys)
+        x1_neg = bridge.negatives(x1, cfg.potential.negatives, seed, step, indices, cfg.potential.patch)
+        x_neg = dispatch.bridge_sample(self.kernels_impl, x1_neg, t, **keys)
+        chunks = [slice(o, o + self.micro) for o in range(0, x1.shape[0], self.micro)]
+
+        # V_φ first, for every micro-batch (paper Eq. 10); its sg-scores weight the whole batch.
+        self.opt_v.zero_grad(set_to_none=True)
+        v_pos, v_neg, loss_v = [], [], 0.0
+        for c in chunks:
+            with self._autocast():
+                vp = self.potential(x_pos[c], t[c]).float()
+                vn = self.potential(x_neg[c], t[c]).float()
+            lv = bridge.potential_hinge_loss(vp, vn, cfg.potential.margin) * (vp.shape[0] / x1.shape[0])
+            lv.backward()
+            loss_v += float(lv)
+            v_pos.append(vp.detach())
+            v_neg.append(vn.detach())
+        v_pos, v_neg = torch.cat(v_pos), torch.cat(v_neg)
+        v_all = v_pos  # single process: this rank's V is the whole batch's (DDP all-gathers here)
+
+        # f_θ: importance-weighted bridge matching (paper Eq. 13); L_f never reaches φ.
+        self.opt_f.zero_grad(set_to_none=True)
+        loss_f, per_sample, weights = 0.0, [], []
+        for c in chunks:
+            with self._autocast():
+                pred = self.drift(x_pos[c], t[c])
+            out = dispatch.weighted_bridge_loss(
+                self.kernels_impl, pred, x1[c], t[c], v_all, seed=seed, step=step, sample_index=indices[c],
+                sigma=sigma, predicts=cfg.model.predicts, scheme=cfg.weights.scheme, favour=cfg.weights.favour,
+                tau=cfg.weights.tau, clip=cfg.weights.clip, v_offset=self.rank * self.per_rank_batch + c.start,
+                normalizer=self.per_rank_batch)
+            out.loss.backward()
+            loss_f += float(out.loss)
+            per_sample.append(out.per_sample)
+            weights.append(out.weights)
+        per_sample, weights = torch.cat(per_sample), torch.cat(weights)
+
+        finite = math.isfinite(loss_f) and math.isfinite(loss_v)
+        gn_f = gn_v = float("nan")
+        if finite:
+            clip = cfg.optim.grad_clip or float("inf")
+            gn_f = float(torch.nn.utils.clip_grad_norm_(self.drift.parameters(), clip))
+            gn_v = float(torch.nn.utils.clip_grad_norm_(self.potential.parameters(), clip))
+            finite = math.isfinite(gn_f) and math.isfinite(gn_v)
+        if finite:
+            f = lr_factor(step, cfg)
+            for g in self.opt_f.param_groups:
+                g["lr"] = cfg.optim.lr * f
+            for g in self.opt_v.param_groups:
+                g["lr"] = cfg.optim.lr_potential * f
+            self.opt_f.step()
+            self.opt_v.step()
+            beta = ema_beta(cfg)
+            with torch.no_grad():
+                for pe, p in zip(self.ema.parameters(), self.drift.parameters()):
+                    pe.lerp_(p.detach(), 1 - beta)
+                for be, b in zip(self.ema.buffers(), self.drift.buffers()):
+                    be.copy_(b)
+        else:
+            self.opt_f.zero_grad(set_to_none=True)
+            self.opt_v.zero_grad(set_to_none=True)
+        return self._diagnostics(step, loss_f, loss_v, gn_f, gn_v, t, v_pos, v_neg, weights, per_sample, finite)
+
+    def _diagnostics(self, step, loss_f, loss_v, gn_f, gn_v, t, v_pos, v_neg, w, per_sample, finite) -> dict:
+        margin = self.cfg.potential.margin
+        bins = torch.clamp((t * T_BINS).long(), max=T_BINS - 1)
+        w_bin = [float(w[bins == k].mean()) if bool((bins == k).any()) else None for k in range(T_BINS)]
+        return {"step": step, "loss_f": loss_f, "loss_v": loss_v, "finite": finite,
+                "ess": bridge.effective_sample_size(w), "w_min": float(w.min()), "w_max": float(w.max()),
+                "w_per_t_bin": w_bin, "v_gap": float((v_neg - v_pos).mean()),
+                "hinge_active": float((margin + v_pos - v_neg > 0).float().mean()),
+                "mse_unweighted": float(per_sample.mean()), "grad_norm_f": gn_f, "grad_norm_v": gn_v,
+                "lr": self.cfg.optim.lr * lr_factor(step, self.cfg)}
+
+    # ------------------------------------------------------------------ the loop
+    def _on_signal(self, signum, frame):
+        self.stop_signal = signal.Signals(signum).name
+
+    def run(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        metrics_f = open(self.run_dir / "metrics.jsonl", "a")
+        bar = None
+        if t.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=t.steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr)
+        last_t, last_step = time.perf_counter(), self.step
+        row = {}
+        try:
+            it = iter(self.loader)
+            while self.step < t.steps and self.stop_signal is None:
+                step, indices, x1 = next(it)
+                assert step == self.step, f"data loader at step {step}, trainer at {self.step}"
+                row = self.train_step(indices, x1)
+                now = time.perf_counter()
+                row["img_per_s"] = t.batch_size / max(now - last_t, 1e-9)
+                row["skipped_images"] = getattr(self.loader, "skipped_count", 0)
+                last_t = now
+                metrics_f.write(json.dumps(row) + "\n")
+                metrics_f.flush()
+                if not row["finite"]:
+                    self.nonfinite += 1
+                    log.warning("step %d: non-finite loss (L_f=%s, L_V=%s, grad norms %s/%s): step skipped "
+                                "(%d of train.max_nonfinite=%d)", self.step, row["loss_f"], row["loss_v"],
+                                row["grad_norm_f"], row["grad_norm_v"], self.nonfinite, t.max_nonfinite)
+                    if self.nonfinite > t.max_nonfinite:
+                        last = self.latest_checkpoint()
+                        raise TrainingError(
+                            f"stopping at step {self.step}: {self.nonfinite} non-finite losses exceed "
+                            f"train.max_nonfinite={t.max_nonfinite}; last good checkpoint: {last or 'none'}")
+                self.step += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(L_f=f"{row['loss_f']:.4f}", L_V=f"{row['loss_v']:.3f}", ess=f"{row['ess']:.1f}")
+                if self.step % t.log_every == 0 and bar is None:
+                    log.info("step %d  L_f %.4f  L_V %.4f  ESS %.1f  V gap %.3f  %.1f img/s", self.step,
+                             row["loss_f"], row["loss_v"], row["ess"], row["v_gap"], row["img_per_s"])
+                if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
+                    self.save_checkpoint()
+                if t.sample_every and self.step % t.sample_every == 0:
+                    self.write_samples()
+                    self.write_plot()
+            ckpt = self.save_checkpoint()
+            if self.stop_signal:
+                log.warning("%s received: checkpoint %s written at step %d; exiting", self.stop_signal, ckpt, self.step)
+            else:
+                self.write_samples()
+                self.write_plot()
+                self.evaluate(row)
+        finally:
+            metrics_f.close()
+            if bar is not None:
+                bar.close()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        return {"step": self.step, "stopped_by": self.stop_signal, "last": row,
+                "checkpoint": str(self.latest_checkpoint())}
+
+    # ------------------------------------------------------------------ outputs
+    def sample_ema(self, n: int, net=None, seed: int | None = None) -> torch.Tensor:
+        from .sampler import sample
+        cfg = self.cfg
+        s = cfg.sample
+        return sample(net if net is not None else self.ema, n=n,
+                      shape=(cfg.data.channels, cfg.data.resolution, cfg.data.resolution),
+                      steps=s.steps, sigma=cfg.bridge.sigma, predicts=cfg.model.predicts,
+                      t_min=cfg.bridge.t_min, t_eps=cfg.bridge.t_eps, seed=s.seed if seed is None else seed,
+                      em=s.em, batch_size=s.batch_size, device=self.device,
+                      bf16=s.bf16 and self.device.type == "cuda", progress=False)
+
+    def write_samples(self) -> Path:
+        from .sampler import save_grid
+        images = self.sample_ema(self.cfg.train.sample_grid)
+        out = self.run_dir / "samples" / f"samples-{self.step:08d}.png"
+        out.parent.mkdir(exist_ok=True)
+        save_grid(images, out)
+        shutil.copyfile(out, self.run_dir / "samples.png")
+        return out
+
+    def evaluate(self, last: dict) -> dict:
+        """metrics.json: final losses and a download-free quality number (sliced Wasserstein
+        distance to held-out images) for the EMA drift and for an untrained net of the same shape."""
+        from . import data, metrics, models
+        cfg, n = self.cfg, self.cfg.train.eval_images
+        result = {"step": self.step, "final": last, "parameters": {"drift": self.n_drift, "potential": self.n_potential},
+                  "weights.scheme": cfg.weights.scheme, "sample.steps": cfg.sample.steps}
+        if n:
+            if cfg.data.dataset == "shapes":  # a different seed: images the run never saw
+                ref_set = data.make_dataset("shapes", resolution=cfg.data.resolution, channels=cfg.data.channels,
+                                            num_images=n, seed=cfg.train.seed + 1)
+                result["reference_images"] = f"{n} held-out procedural images"
+            else:
+                ref_set = self.dataset
+                result["reference_images"] = f"{min(n, len(ref_set))} training images (no held-out split)"
+            ref = torch.stack([ref_set[i] for i in range(min(n, len(ref_set)))])
+            torch.manual_seed(cfg.train.seed)
+            untrained = models.DriftUNet(**drift_arch(cfg)).to(self.device).eval()
+            trained_images = self.sample_ema(len(ref), seed=cfg.sample.seed + 1)
+            untrained_images = self.sample_ema(len(ref), net=untrained, seed=cfg.sample.seed + 1)
+            result["swd_trained"] = metrics.sliced_wasserstein(trained_images.cpu(), ref)
+            result["swd_untrained"] = metrics.sliced_wasserstein(untrained_images.cpu(), ref)
+            result["metric"] = "sliced Wasserstein-2 distance to reference images (lower is better; not FID)"
+        atomic_write_text(self.run_dir / "metrics.json", json.dumps(result, indent=1) + "\n")
+        return result
+
+    def write_plot(self) -> Path | None:
+        from .plots import plot_metrics
+        return plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
