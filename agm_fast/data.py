@@ -120,7 +120,7 @@ class ShapesDataset(Dataset):
         ramp = (px - 0.5) * torch.cos(angle) + (py - 0.5) * torch.sin(angle)   # [-0.71, 0.71]
         grad = torch.where(col(self._GRAD_ON) < 0.5, 0.0, 0.4 * col(self._GRAD_AMP)) * ramp
         tints = u[:, self._tint0:self._tint0 + 3 * C].reshape(B, 3, C)          # bg, shape0, shape1
-        bg = bg_level[:, None] + 0.3 * (tints[:, 0, :, None, None] - 0.5) + grad[:, None]
+        bg = bg_level[:, None] + 0.4 * (tints[:, 0, :, None, None] - 0.5) + grad[:, None]
         image = bg.expand(B, C, R, R).clone()
 
         two = col(self._TWO_SHAPES) < 0.5
@@ -144,7 +144,7 @@ class ShapesDataset(Dataset):
                 cover = cover * two
             # shape level on the opposite side of zero from the background
             level = -sign * (0.45 + 0.55 * col(p + 5))
-            colour = level[:, None] + 0.5 * (tints[:, 1 + k, :, None, None] - 0.5)
+            colour = level[:, None] + 0.8 * (tints[:, 1 + k, :, None, None] - 0.5)
             cover = cover[:, None]
             image = image + cover * (colour - image)
         return image.clamp_(-1.0, 1.0)

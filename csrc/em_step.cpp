@@ -1,0 +1,252 @@
+// agm_fast._C: the fused Euler–Maruyama step of the sampler (DESIGN.md §1 "sampling", §3).
+//
+//   em_step_(x, drift, image_index, step, dt, sigma, seed_lo, seed_hi)   x ← x + drift·dt + σ·sqrt(dt)·z
+//       z from Philox in-op: key = (seed_lo, seed_hi), counter = (element // 4, image_index[b], step, EM),
+//       i.e. exactly agm_fast.rng.normal(seed, step, image_index, numel, rng.Stream.EM).
+//   em_step_z_(x, drift, z, dt, sigma)                                    same with z given (parity tests)
+//   em_step_last_(x, drift, dt)                                           x ← x + drift·dt (last step, σ = 0)
+//
+// x: [B, ...] contiguous, fp32/bf16/fp16, updated in place. drift: x's shape, any of those dtypes
+// (a bf16 network output may drive an fp32 state). Arithmetic is fp32, one rounding per operation
+// in the reference's order: v = x + drift·dt; v = v + (σ·sqrt(dt))·z; x = round_to_storage(v).
+// image_index: int64 [B] (global image indices, one Philox key per image, so results do not depend
+// on batching); step: int64 tensor with one element. Both live on x's device and are read by the
+// kernel, so a CUDA graph that advances `step` in device memory replays with fresh noise.
+//
+// CPU kernel here (at::parallel_for); CUDA kernel in em_step_cuda.cu (torch-free), glued below
+// when built with AGM_WITH_CUDA. Registered with torch.library; fake kernels are in agm_fast/ext.py.
+
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "philox.h"
+
+#ifdef AGM_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+extern "C" int agm_em_step_cuda_launch(void* x, int x_dtype, const void* drift, int drift_dtype, const float* z,
+                                       const int64_t* image_index, const int64_t* step, int64_t rows,
+                                       int64_t row_numel, float dt, float noise_scale, uint32_t seed_lo,
+                                       uint32_t seed_hi, int mode, void* stream);
+extern "C" const char* agm_em_step_cuda_error_string(int code);
+#endif
+
+namespace {
+
+enum Mode : int { kNoiseInKernel = 0, kNoiseGiven = 1, kNoiseless = 2 };
+
+constexpr int64_t kTileBlocks = 64;  // Philox blocks per tile: 256 normals generated, then one update loop
+
+bool is_float_storage(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// Checks shared by every variant; messages name the argument and what is allowed.
+void check_common(const at::Tensor& x, const at::Tensor& drift, double dt) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(0) >= 1, "em_step: x must be [B, ...] with B >= 1, got shape ", x.sizes());
+  TORCH_CHECK(is_float_storage(x.scalar_type()), "em_step: x must be float32, bfloat16 or float16, got ",
+              x.scalar_type());
+  TORCH_CHECK(is_float_storage(drift.scalar_type()), "em_step: drift must be float32, bfloat16 or float16, got ",
+              drift.scalar_type());
+  TORCH_CHECK(drift.sizes() == x.sizes(), "em_step: drift shape ", drift.sizes(), " must equal x shape ", x.sizes());
+  TORCH_CHECK(drift.device() == x.device(), "em_step: drift is on ", drift.device(), " but x is on ", x.device());
+  TORCH_CHECK(x.is_contiguous(), "em_step: x is updated in place and must be contiguous "
+              "(agm_fast.ext.em_step_ handles non-contiguous x through a contiguous copy)");
+  TORCH_CHECK(std::isfinite(dt) && dt > 0.0, "em_step: dt must be a finite positive float, got ", dt);
+}
+
+void check_noise_keys(const at::Tensor& x, const at::Tensor& image_index, const at::Tensor& step) {
+  TORCH_CHECK(image_index.scalar_type() == at::kLong && image_index.dim() == 1 && image_index.size(0) == x.size(0),
+              "em_step: image_index must be an int64 tensor of shape [B] = [", x.size(0), "], got ",
+              image_index.scalar_type(), " ", image_index.sizes());
+  TORCH_CHECK(step.scalar_type() == at::kLong && step.numel() == 1,
+              "em_step: step must be an int64 tensor with one element, got ", step.scalar_type(), " ", step.sizes());
+  TORCH_CHECK(image_index.device() == x.device() && step.device() == x.device(),
+              "em_step: image_index and step must be on x's device ", x.device());
+}
+
+float noise_scale_of(double dt, double sigma) {
+  TORCH_CHECK(std::isfinite(sigma) && sigma >= 0.0, "em_step: sigma must be a finite float >= 0, got ", sigma);
+  // computed in double then rounded once, as the Python reference does (sigma * math.sqrt(dt))
+  return static_cast<float>(sigma * std::sqrt(dt));
+}
+
+// ------------------------------------------------------------------------------------------- CPU
+
+template <typename TX, typename TD>
+void em_step_cpu_kernel(at::Tensor& x, const at::Tensor& drift_c, const float* z_given, const int64_t* image_index,
+                        uint32_t step, float dt, float noise_scale, uint32_t k0, uint32_t k1, int mode) {
+  TX* xp = x.data_ptr<TX>();
+  const TD* dp = drift_c.data_ptr<TD>();
+  const int64_t rows = x.size(0);
+  const int64_t row_numel = x.numel() / rows;
+  const int64_t blocks_per_row = (row_numel + 3) / 4;
+  const int64_t tiles_per_row = (blocks_per_row + kTileBlocks - 1) / kTileBlocks;
+  // Work item = one tile (≤ 256 elements of one image); grain keeps ≥ ~32k elements per task.
+  at::parallel_for(0, rows * tiles_per_row, 128, [&](int64_t begin, int64_t end) {
+    float z[kTileBlocks * 4];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t row = item / tiles_per_row;
+      const int64_t first_block = (item - row * tiles_per_row) * kTileBlocks;
+      const int64_t start = first_block * 4;                                   // element offset in the row
+      const int64_t count = std::min<int64_t>(kTileBlocks * 4, row_numel - start);
+      const int64_t off = row * row_numel + start;
+      if (mode == kNoiseInKernel) {
+        const uint32_t image = static_cast<uint32_t>(image_index[row]);
+        const int64_t nblocks = (count + 3) / 4;
+        for (int64_t j = 0; j < nblocks; ++j) {
+          agm::normal4(static_cast<uint32_t>(first_block + j), image, step, agm::kStreamEM, k0, k1, &z[4 * j]);
+        }
+      } else if (mode == kNoiseGiven) {
+        for (int64_t i = 0; i < count; ++i) z[i] = z_given[off + i];
+      }
+      // The update: a flat fp32 loop over contiguous memory that the compiler vectorises.
+      TX* xr = xp + off;
+      const TD* dr = dp + off;
+      if (mode == kNoiseless) {
+        for (int64_t i = 0; i < count; ++i) {
+          const float v = static_cast<float>(xr[i]) + static_cast<float>(dr[i]) * dt;
+          xr[i] = static_cast<TX>(v);
+        }
+      } else {
+        for (int64_t i = 0; i < count; ++i) {
+          float v = static_cast<float>(xr[i]) + static_cast<float>(dr[i]) * dt;
+          v = v + noise_scale * z[i];
+          xr[i] = static_cast<TX>(v);
+        }
+      }
+    }
+  });
+}
+
+void em_step_cpu_dispatch(at::Tensor& x, const at::Tensor& drift, const float* z, const int64_t* image_index,
+                          uint32_t step, float dt, float noise_scale, uint32_t k0, uint32_t k1, int mode) {
+  const at::Tensor drift_c = drift.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "em_step_cpu_x", [&] {
+    using TX = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, drift_c.scalar_type(), "em_step_cpu_drift", [&] {
+      using TD = scalar_t;
+      em_step_cpu_kernel<TX, TD>(x, drift_c, z, image_index, step, dt, noise_scale, k0, k1, mode);
+    });
+  });
+}
+
+uint32_t seed_word(int64_t w, const char* name) {
+  TORCH_CHECK(w >= 0 && w <= 0xffffffffLL, "em_step: ", name, " must be in [0, 2**32), got ", w);
+  return static_cast<uint32_t>(w);
+}
+
+void em_step_cpu(at::Tensor x, const at::Tensor& drift, const at::Tensor& image_index, const at::Tensor& step,
+                 double dt, double sigma, int64_t seed_lo, int64_t seed_hi) {
+  check_common(x, drift, dt);
+  check_noise_keys(x, image_index, step);
+  const float ns = noise_scale_of(dt, sigma);
+  const int64_t k = step.item<int64_t>();
+  TORCH_CHECK(k >= 0 && k <= 0xffffffffLL, "em_step: step must be in [0, 2**32), got ", k);
+  const at::Tensor idx = image_index.contiguous();
+  em_step_cpu_dispatch(x, drift, nullptr, idx.data_ptr<int64_t>(), static_cast<uint32_t>(k), static_cast<float>(dt),
+                       ns, seed_word(seed_lo, "seed_lo"), seed_word(seed_hi, "seed_hi"), kNoiseInKernel);
+}
+
+void em_step_z_cpu(at::Tensor x, const at::Tensor& drift, const at::Tensor& z, double dt, double sigma) {
+  check_common(x, drift, dt);
+  TORCH_CHECK(z.sizes() == x.sizes() && z.device() == x.device(), "em_step_z: z must have x's shape ", x.sizes(),
+              " and device, got ", z.sizes(), " on ", z.device());
+  const float ns = noise_scale_of(dt, sigma);
+  const at::Tensor zf = z.to(at::kFloat).contiguous();
+  em_step_cpu_dispatch(x, drift, zf.data_ptr<float>(), nullptr, 0, static_cast<float>(dt), ns, 0, 0, kNoiseGiven);
+}
+
+void em_step_last_cpu(at::Tensor x, const at::Tensor& drift, double dt) {
+  check_common(x, drift, dt);
+  em_step_cpu_dispatch(x, drift, nullptr, nullptr, 0, static_cast<float>(dt), 0.f, 0, 0, kNoiseless);
+}
+
+// ------------------------------------------------------------------------------------------- CUDA
+
+#ifdef AGM_WITH_CUDA
+int dtype_code(at::ScalarType t) {
+  return t == at::kFloat ? 0 : (t == at::kBFloat16 ? 1 : 2);
+}
+
+void launch_cuda(at::Tensor& x, const at::Tensor& drift, const float* z, const int64_t* index, const int64_t* step,
+                 double dt, float ns, uint32_t k0, uint32_t k1, int mode) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor drift_c = drift.contiguous();
+  const int64_t rows = x.size(0);
+  const int err = agm_em_step_cuda_launch(x.data_ptr(), dtype_code(x.scalar_type()), drift_c.data_ptr(),
+                                          dtype_code(drift_c.scalar_type()), z, index, step, rows, x.numel() / rows,
+                                          static_cast<float>(dt), ns, k0, k1, mode,
+                                          at::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == 0, "em_step: CUDA kernel launch failed: ", agm_em_step_cuda_error_string(err));
+}
+
+void em_step_cuda(at::Tensor x, const at::Tensor& drift, const at::Tensor& image_index, const at::Tensor& step,
+                  double dt, double sigma, int64_t seed_lo, int64_t seed_hi) {
+  check_common(x, drift, dt);
+  check_noise_keys(x, image_index, step);
+  TORCH_CHECK(image_index.is_contiguous(), "em_step: image_index must be contiguous");
+  // step is read by the kernel from device memory (no host sync, capturable in a CUDA graph)
+  launch_cuda(x, drift, nullptr, image_index.data_ptr<int64_t>(), step.data_ptr<int64_t>(), dt,
+              noise_scale_of(dt, sigma), seed_word(seed_lo, "seed_lo"), seed_word(seed_hi, "seed_hi"),
+              kNoiseInKernel);
+}
+
+void em_step_z_cuda(at::Tensor x, const at::Tensor& drift, const at::Tensor& z, double dt, double sigma) {
+  check_common(x, drift, dt);
+  TORCH_CHECK(z.sizes() == x.sizes() && z.device() == x.device(), "em_step_z: z must have x's shape ", x.sizes(),
+              " and device, got ", z.sizes(), " on ", z.device());
+  const at::Tensor zf = z.to(at::kFloat).contiguous();
+  launch_cuda(x, drift, zf.data_ptr<float>(), nullptr, nullptr, dt, noise_scale_of(dt, sigma), 0, 0, kNoiseGiven);
+}
+
+void em_step_last_cuda(at::Tensor x, const at::Tensor& drift, double dt) {
+  check_common(x, drift, dt);
+  launch_cuda(x, drift, nullptr, nullptr, nullptr, dt, 0.f, 0, 0, kNoiseless);
+}
+#endif
+
+}  // namespace
+
+TORCH_LIBRARY(agm_fast, m) {
+  m.def("em_step_(Tensor(a!) x, Tensor drift, Tensor image_index, Tensor step, float dt, float sigma, "
+        "int seed_lo, int seed_hi) -> ()");
+  m.def("em_step_z_(Tensor(a!) x, Tensor drift, Tensor z, float dt, float sigma) -> ()");
+  m.def("em_step_last_(Tensor(a!) x, Tensor drift, float dt) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(agm_fast, CPU, m) {
+  m.impl("em_step_", &em_step_cpu);
+  m.impl("em_step_z_", &em_step_z_cpu);
+  m.impl("em_step_last_", &em_step_last_cpu);
+}
+
+#ifdef AGM_WITH_CUDA
+TORCH_LIBRARY_IMPL(agm_fast, CUDA, m) {
+  m.impl("em_step_", &em_step_cuda);
+  m.impl("em_step_z_", &em_step_z_cuda);
+  m.impl("em_step_last_", &em_step_last_cuda);
+}
+#endif
+
+// A plain Python module: importing agm_fast._C runs the registrations above. WITH_CUDA tells
+// agm_fast.ext whether the CUDA kernels were compiled in.
+static struct PyModuleDef agm_fast_c_module = {PyModuleDef_HEAD_INIT, "_C", "agm_fast C++/CUDA ops", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&agm_fast_c_module);
+  if (module == nullptr) return nullptr;
+#ifdef AGM_WITH_CUDA
+  PyModule_AddIntConstant(module, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(module, "WITH_CUDA", 0);
+#endif
+  return module;
+}
