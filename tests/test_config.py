@@ -1,0 +1,59 @@
+"""Config loading, overrides and one-line errors that name the field."""
+
+import math
+
+import pytest
+
+from agm_fast import config
+from agm_fast.config import ConfigError
+
+
+def test_defaults_and_every_preset_validate():
+    config.validate(config.Config())
+    assert config.preset_names(), "configs/ holds no presets"
+    for name in config.preset_names():
+        config.load(name)
+
+
+def test_overrides_are_typed():
+    cfg = config.load("demo32", ["train.steps=7", "weights.clip=inf", "model.channel_mult=[1,2]",
+                                 "data.hflip=true", "bridge.sigma=0", "train.run_dir=/tmp/x"])
+    assert cfg.train.steps == 7 and math.isinf(cfg.weights.clip) and cfg.model.channel_mult == [1, 2]
+    assert cfg.data.hflip is True and cfg.bridge.sigma == 0.0 and cfg.train.run_dir == "/tmp/x"
+
+
+def test_round_trip_through_dict():
+    cfg = config.load("demo32", ["weights.scheme=uniform"])
+    assert config.from_dict(config.to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.stepz=3", r"unknown config key 'train.stepz'.*steps"),
+    ("trian.steps=3", r"unknown config key 'trian.steps'; sections are"),
+    ("train.steps=many", r"train.steps: expected an integer"),
+    ("data.hflip=maybe", r"data.hflip: expected true or false"),
+    ("weights.scheme=boltzmann", r"weights.scheme='boltzmann' is not allowed; choose one of: softmax, uniform"),
+    ("train.kernels=cuda", r"train.kernels='cuda' is not allowed"),
+    ("bridge.sigma=-0.1", r"bridge.sigma=-0.1 is out of range"),
+    ("bridge.t_eps=0.5", r"bridge.t_eps=0.5 must be ≤ 1/sample.steps"),
+    ("train.micro_batch=5", r"train.micro_batch=5 must divide train.batch_size=32"),
+    ("potential.channels=[8,16]", r"potential.channels=\[8, 16\]: expected a list of exactly 3"),
+    ("data.dataset=folder", r"data.path must name an image folder"),
+    ("train.steps", r"must look like section.field=value"),
+])
+def test_bad_values_name_the_field(override, match):
+    with pytest.raises(ConfigError, match=match):
+        config.load("demo32", [override])
+
+
+def test_bad_preset_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        config.load("nope")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nsteps = = 3\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(str(bad))
+    flat = tmp_path / "flat.toml"
+    flat.write_text("steps = 3\n")
+    with pytest.raises(ConfigError, match="inside a section"):
+        config.load(str(flat))

@@ -1,0 +1,224 @@
+"""Training end to end on CPU: loss goes down, AGM and baseline, accumulation, exact resume
+after SIGKILL, SIGTERM, the non-finite guard, stop-gradient, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from agm_fast import config, dispatch
+from agm_fast.trainer import Trainer, TrainingError
+
+TINY = ["data.resolution=16", "data.num_images=32", "model.channels=8", "model.channel_mult=[1,2]",
+        "model.attn_resolutions=[8]", "model.num_heads=2", "potential.channels=[4,8,8]",
+        "train.batch_size=8", "train.sample_every=0", "train.eval_images=0", "train.progress=false",
+        "train.deterministic=true", "train.log_every=1000", "sample.steps=10", "bridge.t_eps=0.01",
+        "optim.warmup_steps=2", "ema.halflife_kimg=0.05"]
+
+
+def tiny(tmp_path, *overrides, name="run"):
+    return config.load("demo32", TINY + [f"train.run_dir={tmp_path / name}", *overrides])
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_drives_the_drift_loss_down(tmp_path):
+    cfg = tiny(tmp_path, "train.steps=80", "bridge.sigma=0", "optim.lr=3e-3", "data.num_images=8")
+    Trainer(cfg).run()
+    rows = read_metrics(cfg.train.run_dir)
+    assert [r["step"] for r in rows] == list(range(80))
+    first = sum(r["loss_f"] for r in rows[:10]) / 10
+    last = sum(r["loss_f"] for r in rows[-10:]) / 10
+    assert last < 0.75 * first, (first, last)
+    run = Path(cfg.train.run_dir)
+    for f in ("config.json", "run_info.json", "loss.png", "samples.png"):
+        assert (run / f).exists(), f
+    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    assert ckpt.name == "ckpt-00000080"
+    assert {p.name for p in ckpt.iterdir()} == {"drift.safetensors", "potential.safetensors", "ema.safetensors",
+                                                "optim.safetensors", "state.json"}
+
+
+@pytest.mark.parametrize("scheme", ["softmax", "uniform"])
+def test_agm_and_baseline_both_run(tmp_path, scheme):
+    cfg = tiny(tmp_path, "train.steps=4", f"weights.scheme={scheme}")
+    Trainer(cfg).run()
+    rows = read_metrics(cfg.train.run_dir)
+    assert len(rows) == 4 and all(r["finite"] for r in rows)
+    for r in rows:
+        for key in ("loss_f", "loss_v", "ess", "w_min", "w_max", "w_per_t_bin", "v_gap", "hinge_active",
+                    "grad_norm_f", "grad_norm_v", "img_per_s"):
+            assert key in r
+        if scheme == "uniform":
+            assert r["w_min"] == r["w_max"] == 1.0 and r["ess"] == pytest.approx(8)
+    if scheme == "softmax":
+        assert any(r["w_max"] > r["w_min"] for r in rows)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    a = Trainer(tiny(tmp_path, "train.steps=3", name="a"))
+    a.run()
+    b = Trainer(tiny(tmp_path, "train.steps=3", "train.micro_batch=4", name="b"))
+    b.run()
+    la, lb = read_metrics(a.cfg.train.run_dir), read_metrics(b.cfg.train.run_dir)
+    for ra, rb in zip(la, lb):
+        assert rb["loss_f"] == pytest.approx(ra["loss_f"], rel=1e-5)
+        assert rb["loss_v"] == pytest.approx(ra["loss_v"], rel=1e-5)
+    for pa, pb in zip(a.drift.parameters(), b.drift.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
+
+
+def test_drift_loss_never_reaches_the_potential(tmp_path):
+    tr = Trainer(tiny(tmp_path, "train.steps=1"))
+    x1 = torch.rand(8, 3, 16, 16) * 2 - 1
+    idx, t = torch.arange(8), torch.rand(8) * 0.9
+    xt = dispatch.bridge_sample("torch", x1, t, seed=0, step=0, sample_index=idx, sigma=0.5)
+    v = tr.potential(xt, t)  # deliberately NOT detached: the loss must stop the gradient itself
+    out = dispatch.weighted_bridge_loss("torch", tr.drift(xt, t), x1, t, v, seed=0, step=0, sample_index=idx,
+                                        sigma=0.5)
+    out.loss.backward()
+    assert all(p.grad is None for p in tr.potential.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.drift.parameters())
+
+
+def test_triton_and_torch_kernels_train_alike(tmp_path):
+    from conftest import skip_unless_available
+    from agm_fast import kernels
+    skip_unless_available("triton", kernels.interpreter_active() or torch.cuda.is_available(),
+                          "needs CUDA or TRITON_INTERPRET=1")
+    a = Trainer(tiny(tmp_path, "train.steps=3", "train.kernels=torch", name="torch"))
+    a.run()
+    b = Trainer(tiny(tmp_path, "train.steps=3", "train.kernels=triton", name="triton"))
+    b.run()
+    for ra, rb in zip(read_metrics(a.cfg.train.run_dir), read_metrics(b.cfg.train.run_dir)):
+        assert rb["loss_f"] == pytest.approx(ra["loss_f"], rel=1e-4)
+        assert rb["loss_v"] == pytest.approx(ra["loss_v"], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- resume
+
+def _cli(run_dir, steps, extra=()):
+    args = [sys.executable, "-m", "agm_fast.cli", "train", "--preset", "demo32"]
+    for o in TINY + [f"train.run_dir={run_dir}", f"train.steps={steps}", "train.ckpt_every=5", *extra]:
+        args += ["--set", o]
+    return args
+
+
+def _wait_for_lines(path: Path, n: int, proc, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.02)
+    pytest.fail("training made no progress")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_exactly(tmp_path, sig):
+    steps = 40
+    ref = tiny(tmp_path, f"train.steps={steps}", "train.ckpt_every=5", name="ref")
+    Trainer(ref).run()
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(run, steps), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_lines(run / "metrics.jsonl", 12, proc)
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=60)
+    if sig == signal.SIGTERM:
+        assert rc == 0, proc.stderr.read().decode()[-2000:]
+        assert b"SIGTERM received" in proc.stderr.read()
+    else:
+        assert rc == -signal.SIGKILL
+    done = read_metrics(run)
+    assert len(done) < steps, "the run finished before it was killed; the test proves nothing"
+    resumed = subprocess.run(_cli(run, steps), capture_output=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    a, b = read_metrics(ref.train.run_dir), read_metrics(run)
+    assert [r["step"] for r in b] == list(range(steps))
+    for ra, rb in zip(a, b):
+        assert (ra["loss_f"], ra["loss_v"]) == (rb["loss_f"], rb["loss_v"]), ra["step"]
+
+
+# ----------------------------------------------------------------------------- robustness
+
+def test_nonfinite_losses_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, "train.steps=20", "train.ckpt_every=4", "train.max_nonfinite=2")
+    tr = Trainer(cfg)
+    real = dispatch.weighted_bridge_loss
+
+    def poisoned(*args, **kw):
+        out = real(*args, **kw)
+        return out._replace(loss=out.loss * float("nan")) if kw["step"] >= 5 else out
+    monkeypatch.setattr(dispatch, "weighted_bridge_loss", poisoned)
+    with pytest.raises(TrainingError, match=r"stopping at step 7: 3 non-finite losses exceed "
+                                            r"train.max_nonfinite=2; last good checkpoint: .*ckpt-00000004"):
+        tr.run()
+    rows = read_metrics(cfg.train.run_dir)
+    assert [r["finite"] for r in rows] == [True] * 5 + [False] * 3
+    ckpts = sorted((Path(cfg.train.run_dir) / "checkpoints").iterdir())
+    assert ckpts[-1].name == "ckpt-00000004"
+    monkeypatch.setattr(dispatch, "weighted_bridge_loss", real)
+    again = Trainer(cfg)  # the last good checkpoint is intact and resumes
+    assert again.step == 4
+
+
+def test_checkpoint_from_another_architecture_is_refused(tmp_path):
+    Trainer(tiny(tmp_path, "train.steps=2")).run()
+    with pytest.raises(TrainingError, match=r"drift net architecture differs from this config \(channels: 8 there vs 16 here"):
+        Trainer(tiny(tmp_path, "train.steps=4", "model.channels=16"))
+
+
+def test_fine_tune_from_a_run(tmp_path):
+    base = Trainer(tiny(tmp_path, "train.steps=3", name="base"))
+    base.run()
+    ft = Trainer(tiny(tmp_path, "train.steps=2", f"train.init_from={tmp_path / 'base'}", name="ft"))
+    assert ft.step == 0
+    for a, b in zip(ft.ema.parameters(), base.ema.parameters()):
+        assert torch.equal(a, b)
+    ft.run()
+
+
+@pytest.mark.parametrize("override,match", [
+    ("data.dataset=folder", "data.path"),
+    ("model.attention=flash", "model.attention='flash' is not allowed"),
+    ("train.kernels=cuda", "train.kernels='cuda' is not allowed"),
+])
+def test_cli_errors_are_one_line(tmp_path, capsys, override, match):
+    from agm_fast.cli import main
+    rc = main(["train", "--set", f"train.run_dir={tmp_path}", "--set", override])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and match in err and len(err.splitlines()) == 1, err
+
+
+def test_cli_missing_and_empty_dataset_folder(tmp_path, capsys):
+    from agm_fast.cli import main
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "missing", tmp_path / "empty"):
+        rc = main(["train", "--set", f"train.run_dir={tmp_path / 'r'}", "--set", "data.dataset=folder",
+                   "--set", f"data.path={folder}"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and str(folder) in err and len(err.splitlines()) == 1, err
+
+
+def test_cli_sample_and_info(tmp_path, capsys):
+    from agm_fast.cli import main
+    cfg = tiny(tmp_path, "train.steps=2")
+    Trainer(cfg).run()
+    out = tmp_path / "grid.png"
+    assert main(["sample", cfg.train.run_dir, "--n", "4", "--steps", "10", "--out", str(out),
+                 "--npz", str(tmp_path / "s.npz")]) == 0
+    assert out.exists() and (tmp_path / "s.npz").exists()
+    assert main(["sample", cfg.train.run_dir, "--n", "4", "--sigma", "0.3", "--out", str(out)]) == 2
+    assert "sigma" in capsys.readouterr().err
+    assert main(["info", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "train.kernels" in text and "sample.em" in text and "model.attention" in text
