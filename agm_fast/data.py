@@ -62,9 +62,11 @@ class ShapesDataset(Dataset):
 
     Image i is a pure function of (seed, i, resolution, channels): its ~30 parameters are Philox
     uniforms keyed by (seed, SHAPES_STEP, i, Stream.DATA). Shapes are large and contrast with the
-    background (light on dark or dark on light), so a small U-Net learns them in a few thousand
-    CPU steps, and a pixel-shuffled copy looks nothing like them. C = 1 gives grey images.
-    `render(indices)` draws a batch in one vectorised pass (10k images at 32² in about a second).
+    background (light on dark or dark on light): chosen so that a small U-Net can learn them in a
+    few thousand CPU steps, and so that a pixel-shuffled copy looks nothing like them. C = 1
+    gives grey images. The parameters do not depend on the resolution: the same scene at any
+    size. `render(indices)` draws a batch in one vectorised pass (10k images at 32² in ~1.3 s
+    on 2 CPU cores).
     """
 
     # layout of the per-image uniforms (lane numbers); the tints follow, C per colour
@@ -105,7 +107,9 @@ class ShapesDataset(Dataset):
     def _render(self, idx: torch.Tensor) -> torch.Tensor:
         R, C, B = self.resolution, self.channels, idx.numel()
         u = rng.uniform(self.seed, SHAPES_STEP, idx, rng.Stream.DATA, numel=self._numel)
-        col = lambda k: u[:, k].reshape(B, 1, 1)  # noqa: E731  (per-image scalar → [B,1,1])
+
+        def col(k):   # lane k of every image, shaped [B, 1, 1] to broadcast over pixels
+            return u[:, k].reshape(B, 1, 1)
 
         # pixel centres in [0, 1]
         axis = (torch.arange(R, dtype=torch.float32) + 0.5) / R
@@ -250,18 +254,20 @@ class ImageFolderDataset(Dataset):
         return torch.stack([self[int(i)] for i in indices.reshape(-1)])
 
     def _load(self, file: str) -> torch.Tensor:
-        from PIL import Image
+        from PIL import Image, ImageOps
 
         R = self.resolution
         with Image.open(file) as im:
             im.seek(0)   # first frame of animated gif/webp
+            im = ImageOps.exif_transpose(im)   # camera photos store their rotation in EXIF
             im = _to_8bit(im).convert("RGB" if self.channels == 3 else "L")
             w, h = im.size
             side = min(w, h)
             left, top = (w - side) // 2, (h - side) // 2
-            box = (left, top, left + side, top + side)
-            if (w, h) != (R, R):
-                im = im.resize((R, R), resample=Image.Resampling.LANCZOS, box=box)
+            if w != h:   # crop first: resize(box=…) would blend in pixels outside the box
+                im = im.crop((left, top, left + side, top + side))
+            if side != R:
+                im = im.resize((R, R), resample=Image.Resampling.LANCZOS)
             array = np.asarray(im, dtype=np.uint8)
         x = torch.from_numpy(array.copy()).to(torch.float32)
         x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
@@ -274,10 +280,10 @@ def _to_8bit(im):
 
     if im.mode.startswith("I;16") or im.mode == "I":
         a = np.asarray(im, dtype=np.float64)
-        return Image.fromarray(np.clip(a / 257.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(a / 257.0 + 0.5, 0, 255).astype(np.uint8))
     if im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
-        return Image.fromarray(np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8))
     if im.mode in ("P", "PA") or "transparency" in im.info:
         return im.convert("RGBA")
     return im
@@ -296,8 +302,8 @@ def _scan_images(root: Path) -> list[str]:
 
 def make_dataset(kind: str, *, path=None, resolution: int, channels: int,
                  num_images: int | None = None, seed: int = 0) -> Dataset:
-    """'shapes' → ShapesDataset(num_images, …); 'folder' → ImageFolderDataset(path, …), where
-    num_images (if given) keeps only the first readable files."""
+    """'shapes' → ShapesDataset(num_images, …); 'folder' → ImageFolderDataset(path, …),
+    where num_images (if given) keeps only the first readable files."""
     if kind == "shapes":
         if num_images is None:
             raise ValueError("num_images is required for kind='shapes' (how many images)")
@@ -425,7 +431,9 @@ class BatchLoader:
         self.dataset = dataset
         self.hflip = bool(hflip)
         self.device = torch.device(device)
-        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
+        # pinned host memory only helps (and only works) for copies to a CUDA device
+        self.pin_memory = (bool(pin_memory) and self.device.type == "cuda"
+                           and torch.cuda.is_available())
         self.loader = "torch"
         self._load_failures: set[str] = set()
 
@@ -440,7 +448,7 @@ class BatchLoader:
         data_loader = DataLoader(batches, batch_size=None, sampler=_StepSampler(self.start_step),
                                  num_workers=self.workers, pin_memory=self.pin_memory,
                                  prefetch_factor=2 if self.workers else None)
-        non_blocking = self.pin_memory and self.device.type == "cuda"
+        non_blocking = self.pin_memory
         for step, gidx, images, failures in data_loader:
             new = set(failures) - self._load_failures
             if new:

@@ -70,7 +70,9 @@ def bridge_sample(impl: str, x1, t, *, seed, step, sample_index, sigma):
     """x_t for the batch; x0 and ε keyed by (seed, step, sample_index)."""
     if impl == "triton":
         from agm_fast import kernels
-        return kernels.bridge_sample(x1, t, seed=seed, step=step, sample_index=sample_index, sigma=sigma)
+        # validate=False: the trainer draws t itself, and the check costs a device sync per call
+        return kernels.bridge_sample(x1, t, seed=seed, step=step, sample_index=sample_index, sigma=sigma,
+                                     validate=False)
     x0, eps = bridge.draw_bridge_noise(seed, step, sample_index, x1.shape, x1.device)
     return bridge.bridge_sample(x1.float(), t, x0, eps, sigma).to(x1.dtype)
 
@@ -79,7 +81,7 @@ def weighted_bridge_loss(impl: str, pred, x1, t, v, **kw) -> bridge.LossOutput:
     """The AGM drift loss (paper Eq. 13) of one chunk; see bridge.weighted_bridge_loss."""
     if impl == "triton":
         from agm_fast import kernels
-        return kernels.weighted_bridge_loss(pred, x1, t, v, **kw)
+        return kernels.weighted_bridge_loss(pred, x1, t, v, validate=False, **kw)
     return bridge.weighted_bridge_loss(pred, x1, t, v, **kw)
 
 

@@ -1,10 +1,10 @@
 """The two networks of AGM (DESIGN.md §2): the drift U-Net f_θ(x_t, t) and the potential V_φ(x_t, t).
 
 DriftUNet   GroupNorm + SiLU residual blocks, sinusoidal time embedding + MLP injected into every
-            block (scale-shift or add), stride-2 down / nearest-neighbour up with skip connections,
-            self-attention at inner resolutions and in the bottleneck, zero-initialised output conv
-            (the drift starts at 0). Any H, W and C: the input is zero-padded to a multiple of
-            2^(levels-1) and the output cropped back.
+            block (added after GroupNorm, or ADM scale-shift), stride-2 down / nearest-neighbour up
+            with skip connections, self-attention at inner resolutions and in the bottleneck,
+            zero-initialised output conv (the drift starts at 0). Any H, W and C: the input is
+            zero-padded to a multiple of 2^(levels-1) and the output cropped back.
 PotentialNet  three stride-2 Conv + GroupNorm + SiLU layers, adaptive average pool, linear → one fp32
             scalar per sample; t enters as a constant input channel or by FiLM. ≈ 1.4 % of the drift
             net's parameters (paper §3; see ARCH_PRESETS).
@@ -14,7 +14,8 @@ only, imported lazily), 'sdpa' (torch.nn.functional.scaled_dot_product_attention
 reference: softmax(QKᵀ/√d)V written out), 'auto' (xformers when it loads and runs on this CUDA
 device, else SDPA). An explicit backend that cannot run is a ValueError, never a silent fallback.
 The choice is resolved per device on the first forward (or by `net.resolve_attention_backend`),
-logged once on the 'agm_fast' logger and kept in `net.attention_backend`.
+logged once on the 'agm_fast' logger and kept in `net.attention_backend`. Resolve before
+`torch.compile(fullgraph=True)`: the probe and the log line are not traceable (a graph break otherwise).
 
 Every network keeps its constructor arguments in `net.arch` (plain JSON values), so a checkpoint
 rebuilds it with `type(net)(**net.arch)`.
@@ -111,9 +112,10 @@ def _xformers_works(device: torch.device) -> tuple[bool, str]:
     if key not in _XFORMERS_STATUS:
         ok, why = _xformers_importable()
         if ok:
-            try:
-                q = torch.randn(1, 16, 1, 32, device=device, dtype=torch.float16)
-                _xformers_ops().memory_efficient_attention(q, q, q)
+            try:  # forward and backward in each dtype training may use ([B, N, heads, d] layout)
+                for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                    q = torch.randn(1, 16, 1, 32, device=device, dtype=dtype, requires_grad=True)
+                    _xformers_ops().memory_efficient_attention(q, q, q).sum().backward()
                 torch.cuda.synchronize(device)
                 why = f"xformers memory-efficient attention runs on {device}"
             except Exception as e:
@@ -177,11 +179,11 @@ class SelfAttention(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GN → SiLU → conv3×3 → GN (+ time: scale-shift or add) → SiLU → dropout → conv3×3, residual;
-    then self-attention when `attention` is set (EDM2-style block)."""
+    """GN → SiLU → conv3×3 → GN, then time (add, or scale-shift) → SiLU → dropout → conv3×3, residual;
+    then self-attention when `attend` is set (EDM2-style block)."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, *, dropout: float, time_injection: str,
-                 attention: bool, num_heads: int):
+                 attend: bool, num_heads: int):
         super().__init__()
         self.scale_shift = time_injection == "scale_shift"
         self.norm1 = nn.GroupNorm(norm_groups(in_ch), in_ch)
@@ -191,7 +193,7 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
-        self.attn = SelfAttention(out_ch, num_heads) if attention else None
+        self.attn = SelfAttention(out_ch, num_heads) if attend else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, backend: str) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -199,8 +201,8 @@ class ResBlock(nn.Module):
         if self.scale_shift:  # ADM: norm(h)·(1 + scale) + shift
             scale, shift = e.chunk(2, dim=1)
             h = torch.addcmul(shift, self.norm2(h), 1 + scale)
-        else:  # DDPM: add the embedding before the norm
-            h = self.norm2(h + e)
+        else:  # add after the norm: DDPM adds before it, which GroupNorm cancels when a group is one channel
+            h = self.norm2(h) + e
         h = self.conv2(self.dropout(F.silu(h)))
         x = self.skip(x) + h
         return self.attn(x, backend) if self.attn is not None else x
@@ -238,7 +240,7 @@ class DriftUNet(nn.Module):
         num_heads: int = 4,              # attention heads (must divide each attended width)
         dropout: float = 0.0,            # dropout inside residual blocks
         attention: str = "auto",         # model.attention: 'auto' | 'xformers' | 'sdpa' | 'math'
-        time_injection: str = "scale_shift",  # 'scale_shift' (ADM) | 'add' (DDPM)
+        time_injection: str = "add",     # 'add': GN(h) + e(t) | 'scale_shift' (ADM): GN(h)·(1 + s(t)) + b(t)
     ):
         super().__init__()
         _check_choice("model.attention", attention, ATTENTION_BACKENDS)
@@ -272,7 +274,7 @@ class DriftUNet(nn.Module):
         emb_dim = 4 * channels
         self.time_mlp = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         block = lambda cin, cout, attn: ResBlock(cin, cout, emb_dim, dropout=dropout, time_injection=time_injection,
-                                                 attention=attn, num_heads=num_heads)
+                                                 attend=attn, num_heads=num_heads)
         widths = [channels * m for m in channel_mult]
         attended = [resolution // 2 ** lvl in attn_resolutions for lvl in range(len(widths))] + [True]
         for w, attn in zip(widths + [widths[-1]], attended):
@@ -310,7 +312,7 @@ class DriftUNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def resolve_attention_backend(self, device) -> str:
-        """Resolve model.attention for `device` (once per device type), log it, return the backend."""
+        """Resolve model.attention for `device` (again only when the device changes), log it, return the backend."""
         device = torch.device(device)
         if self._attention_device != str(device):
             self.attention_backend, self.attention_reason = resolve_attention(self.attention, device)
@@ -333,7 +335,8 @@ class DriftUNet(nn.Module):
         if ph or pw:
             x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
 
-        emb = self.time_mlp(timestep_embedding(t, self.time_mlp[0].in_features))
+        first = self.time_mlp[0]  # the sinusoids are computed in fp32; match the weights (bf16 nets)
+        emb = self.time_mlp(timestep_embedding(t, first.in_features).to(first.weight.dtype))
         h = self.conv_in(x)
         skips = [h]
         for module in self.enc.values():
@@ -368,9 +371,9 @@ class PotentialNet(nn.Module):
         channels = tuple(int(c) for c in channels)
         if not channels or min(channels) < 1:
             raise ValueError(f"potential.channels must be a non-empty list of positive ints; got {channels!r}")
-        for name, value in dict(in_channels=in_channels, resolution=resolution, film_dim=film_dim).items():
-            if not isinstance(value, int) or value < 2 - (name != "film_dim"):
-                raise ValueError(f"potential.{name} must be a positive int (film_dim ≥ 2); got {value!r}")
+        for name, value, low in (("in_channels", in_channels, 1), ("resolution", resolution, 1), ("film_dim", film_dim, 2)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"potential.{name} must be an int ≥ {low}; got {value!r}")
         self.arch = dict(in_channels=in_channels, resolution=resolution, channels=list(channels),
                          time_input=time_input, film_dim=film_dim)
         self.in_channels, self.time_input, self.film_dim = in_channels, time_input, film_dim
@@ -398,7 +401,8 @@ class PotentialNet(nn.Module):
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             h = norm(conv(h))
             if self.films is not None:  # FiLM: norm(h)·(1 + γ(t)) + β(t)
-                gamma, beta = self.films[i](emb)[:, :, None, None].chunk(2, dim=1)
+                film = self.films[i]
+                gamma, beta = film(emb.to(film.weight.dtype))[:, :, None, None].chunk(2, dim=1)
                 h = torch.addcmul(beta.to(h.dtype), h, (1 + gamma).to(h.dtype))
             h = F.silu(h)
         h = h.mean(dim=(2, 3))  # adaptive average pool to 1×1
@@ -407,8 +411,57 @@ class PotentialNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------- presets
-# Drift nets follow DDPM/ADM widths; the potential's widths are chosen so that
-# count(potential) / count(drift) ≈ 1.4 % (paper), within 0.5–3 % for every preset.
-# Counts (drift, potential, ratio) are printed by `python -m agm_fast.models`.
+# Drift nets are DDPM-style (res32 is DDPM's CIFAR-10 net: 35.7M parameters; res64 is the paper scale,
+# ~35M, with attention at 16² and 8²). The potential's widths are chosen so that
+# count(potential) / count(drift) ≈ 1.4 % (paper), within 0.5–3 % for every preset and both time inputs.
+# demo32 is sized for CPU: at batch 32, 32², 2 threads one drift fwd+bwd+Adam step takes ≈ 0.2 s.
+# `python -m agm_fast.models` prints the counts.
 
-ARCH_PRESETS: dict[str, dict] = {}
+ARCH_PRESETS: dict[str, dict] = {
+    "res28": dict(  # 28×28 grey (MNIST-like); 3 levels: 28 → 14 → 7, no padding needed
+        drift=dict(in_channels=1, resolution=28, channels=64, channel_mult=[1, 2, 2], num_blocks=2,
+                   attn_resolutions=[14], dropout=0.1),
+        potential=dict(in_channels=1, resolution=28, channels=[32, 64, 128]),
+    ),
+    "demo32": dict(  # tiny CPU demo: narrow at full resolution (where the FLOPs are), wide below
+        drift=dict(in_channels=3, resolution=32, channels=16, channel_mult=[1, 2, 4, 8], num_blocks=1,
+                   attn_resolutions=[8], dropout=0.0),
+        potential=dict(in_channels=3, resolution=32, channels=[24, 48, 64]),
+    ),
+    "res32": dict(  # CIFAR-10 scale (DDPM)
+        drift=dict(in_channels=3, resolution=32, channels=128, channel_mult=[1, 2, 2, 2], num_blocks=2,
+                   attn_resolutions=[16], dropout=0.1),
+        potential=dict(in_channels=3, resolution=32, channels=[64, 160, 288]),
+    ),
+    "res64": dict(  # paper scale
+        drift=dict(in_channels=3, resolution=64, channels=128, channel_mult=[1, 2, 2, 2], num_blocks=2,
+                   attn_resolutions=[16, 8], dropout=0.1),
+        potential=dict(in_channels=3, resolution=64, channels=[64, 160, 288]),
+    ),
+    "res128": dict(
+        drift=dict(in_channels=3, resolution=128, channels=128, channel_mult=[1, 1, 2, 3, 4], num_blocks=2,
+                   attn_resolutions=[16, 8], dropout=0.0),
+        potential=dict(in_channels=3, resolution=128, channels=[96, 256, 448]),
+    ),
+    "res256": dict(  # DDPM's LSUN/CelebA-HQ 256 net
+        drift=dict(in_channels=3, resolution=256, channels=128, channel_mult=[1, 1, 2, 2, 4, 4], num_blocks=2,
+                   attn_resolutions=[16], dropout=0.0),
+        potential=dict(in_channels=3, resolution=256, channels=[128, 256, 576]),
+    ),
+}
+
+
+def preset_counts(name: str) -> tuple[int, int]:
+    """(drift, potential) parameter counts of ARCH_PRESETS[name], built on the meta device."""
+    if name not in ARCH_PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(repr(k) for k in ARCH_PRESETS)}; got {name!r}")
+    with torch.device("meta"):
+        return (count_parameters(DriftUNet(**ARCH_PRESETS[name]["drift"])),
+                count_parameters(PotentialNet(**ARCH_PRESETS[name]["potential"])))
+
+
+if __name__ == "__main__":
+    print(f"{'preset':8} {'drift':>12} {'potential':>10} {'ratio':>7}")
+    for name in ARCH_PRESETS:
+        drift, potential = preset_counts(name)
+        print(f"{name:8} {drift:12,d} {potential:10,d} {100 * potential / drift:6.2f}%")

@@ -342,7 +342,7 @@ class Trainer:
                 vn = self.potential(x_neg[c], t[c]).float()
             lv = bridge.potential_hinge_loss(vp, vn, cfg.potential.margin) * (vp.shape[0] / x1.shape[0])
             lv.backward()
-            loss_v += float(lv)
+            loss_v += lv.item()
             v_pos.append(vp.detach())
             v_neg.append(vn.detach())
         v_pos, v_neg = torch.cat(v_pos), torch.cat(v_neg)
@@ -360,7 +360,7 @@ class Trainer:
                 tau=cfg.weights.tau, clip=cfg.weights.clip, v_offset=self.rank * self.per_rank_batch + c.start,
                 normalizer=self.per_rank_batch)
             out.loss.backward()
-            loss_f += float(out.loss)
+            loss_f += out.loss.item()
             per_sample.append(out.per_sample)
             weights.append(out.weights)
         per_sample, weights = torch.cat(per_sample), torch.cat(weights)

@@ -29,7 +29,7 @@
 #include "philox.h"
 
 #ifdef AGM_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 extern "C" int agm_em_step_cuda_launch(void* x, int x_dtype, const void* drift, int drift_dtype, const float* z,
                                        const int64_t* image_index, const int64_t* step, int64_t rows,
@@ -184,7 +184,7 @@ void launch_cuda(at::Tensor& x, const at::Tensor& drift, const float* z, const i
   const int err = agm_em_step_cuda_launch(x.data_ptr(), dtype_code(x.scalar_type()), drift_c.data_ptr(),
                                           dtype_code(drift_c.scalar_type()), z, index, step, rows, x.numel() / rows,
                                           static_cast<float>(dt), ns, k0, k1, mode,
-                                          at::cuda::getCurrentCUDAStream().stream());
+                                          c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "em_step: CUDA kernel launch failed: ", agm_em_step_cuda_error_string(err));
 }
 
@@ -213,6 +213,17 @@ void em_step_last_cuda(at::Tensor x, const at::Tensor& drift, double dt) {
 }
 #endif
 
+// ADInplaceOrView kernel shared by the three ops: run the op below this key, then bump x's version
+// counter, as every built-in in-place op does (autograd then refuses stale saved tensors).
+void bump_version_of_x(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const at::Tensor x = (*stack)[0].toTensor();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.callBoxed(stack);
+  }
+  x.unsafeGetTensorImpl()->bump_version();
+}
+
 }  // namespace
 
 TORCH_LIBRARY(agm_fast, m) {
@@ -226,6 +237,12 @@ TORCH_LIBRARY_IMPL(agm_fast, CPU, m) {
   m.impl("em_step_", &em_step_cpu);
   m.impl("em_step_z_", &em_step_z_cpu);
   m.impl("em_step_last_", &em_step_last_cpu);
+}
+
+TORCH_LIBRARY_IMPL(agm_fast, ADInplaceOrView, m) {
+  m.impl("em_step_", torch::CppFunction::makeFromBoxedFunction<&bump_version_of_x>());
+  m.impl("em_step_z_", torch::CppFunction::makeFromBoxedFunction<&bump_version_of_x>());
+  m.impl("em_step_last_", torch::CppFunction::makeFromBoxedFunction<&bump_version_of_x>());
 }
 
 #ifdef AGM_WITH_CUDA

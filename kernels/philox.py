@@ -10,10 +10,10 @@ output of every draw is used (DESIGN.md §8: these kernels are bound by Philox +
 
 Uniforms u = (r + 0.5)·2⁻³² in fp32 are bit-identical to the reference (an exact uint→fp32
 rounding, one fp32 add, an exact scaling). Normals agree to float tolerance: log/sin/cos come
-from a different math library. On a GPU, LIBDEVICE_MATH=True uses libdevice's accurate log,
-sin, cos and a correctly rounded sqrt (Triton's default tl.log/sin/cos are the hardware
-approximations, whose absolute error in log(u) near u = 1 turns into 1e-4-sized errors in
-normals near 0); the interpreter has no libdevice and uses numpy's accurate functions.
+from a different math library (numpy under the interpreter; on sm_90, Triton 3.6 lowers
+tl.log/sin/cos for fp32 to accurate polynomial code, not the MUFU approximations, as the PTX
+shows). sqrt is the correctly rounded tl.sqrt_rn: tl.sqrt is sqrt.approx on GPU, and an
+approximate log or sqrt near u = 1 would put 1e-4-sized errors into normals near 0.
 
 Also here: the noise-only kernel, which draws exactly the normals the fused loss draws (streams
 X0 and EPS) and only reduces them: the Philox/Box–Muller cost limit the benchmark reports.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from agm_fast import rng
 
@@ -38,11 +37,6 @@ TWO_POW_M32 = tl.constexpr(rng.TWO_POW_M32)
 TWO_PI = tl.constexpr(rng.TWO_PI)
 STREAM_X0 = tl.constexpr(int(rng.Stream.X0))
 STREAM_EPS = tl.constexpr(int(rng.Stream.EPS))
-
-# Development switch read at launch time (kernels get it as a constexpr): False swaps the
-# accurate libdevice functions for the hardware approximations on GPU (faster, but normals near
-# 0 then miss the reference by up to ~1e-4). The bench measures the noise-only kernel both ways.
-PRECISE_MATH = True
 
 
 @triton.jit
@@ -68,17 +62,13 @@ def uniform(r):
 
 
 @triton.jit
-def box_muller(ra, rb, LIBDEVICE_MATH: tl.constexpr):
+def box_muller(ra, rb):
     """Two uint32 words → two independent standard normals (fp32), as agm_fast.rng.box_muller."""
     u1 = uniform(ra)
     u2 = uniform(rb)
+    radius = tl.sqrt_rn(-2.0 * tl.log(u1))
     theta = TWO_PI * u2
-    if LIBDEVICE_MATH:
-        radius = tl.sqrt_rn(-2.0 * libdevice.log(u1))
-        return radius * libdevice.cos(theta), radius * libdevice.sin(theta)
-    else:
-        radius = tl.sqrt(-2.0 * tl.log(u1))
-        return radius * tl.cos(theta), radius * tl.sin(theta)
+    return radius * tl.cos(theta), radius * tl.sin(theta)
 
 
 @triton.jit
@@ -93,8 +83,7 @@ def philox_words(draw, sample, step, stream, k0, k1):
 
 
 @triton.jit
-def normal_block(first_draw, sample, step, stream, k0, k1,
-                 BLOCK: tl.constexpr, LIBDEVICE_MATH: tl.constexpr):
+def normal_block(first_draw, sample, step, stream, k0, k1, BLOCK: tl.constexpr):
     """BLOCK consecutive normals of one sample starting at element 4·first_draw, in memory order.
 
     BLOCK // 4 Philox calls; the four lanes are interleaved with two joins and a reshape
@@ -102,8 +91,8 @@ def normal_block(first_draw, sample, step, stream, k0, k1,
     """
     draw = (first_draw + tl.arange(0, BLOCK // 4)).to(tl.uint32)
     r0, r1, r2, r3 = philox_words(draw, sample, step, stream, k0, k1)
-    z0, z1 = box_muller(r0, r1, LIBDEVICE_MATH)
-    z2, z3 = box_muller(r2, r3, LIBDEVICE_MATH)
+    z0, z1 = box_muller(r0, r1)
+    z2, z3 = box_muller(r2, r3)
     # join(join(z0, z2), join(z1, z3))[q, i, j] = z_{2i + j}  → reshape gives z0 z1 z2 z3 per q
     z = tl.join(tl.join(z0, z2), tl.join(z1, z3))
     return tl.reshape(z, [BLOCK])
@@ -119,11 +108,29 @@ def key_words(seed_lo, seed_hi, step, sample_index_ptr, b):
     return k0, k1, step_u32, sample
 
 
+@triton.jit
+def to_output_dtype(x, out_ptr, BF16_RNE_BY_BITS: tl.constexpr):
+    """fp32 → out_ptr's element type, rounding to nearest even.
+
+    Triton 3.6's interpreter truncates fp32 → bf16 casts (the GPU rounds to nearest even), so
+    under the interpreter bf16 outputs are rounded here by integer arithmetic instead."""
+    if BF16_RNE_BY_BITS:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(out_ptr.dtype.element_ty)
+
+
+def bf16_rne_by_bits(out: torch.Tensor, interpreted: bool) -> bool:
+    return interpreted and out.dtype == torch.bfloat16
+
+
 # ----------------------------------------------------------------------------- noise-only kernel
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step"])
 def _noise_sum_kernel(sample_index_ptr, partial_ptr, n_per_sample, seed_lo, seed_hi, step,
-                      BLOCK: tl.constexpr, LIBDEVICE_MATH: tl.constexpr):
+                      BLOCK: tl.constexpr):
     """Draw the X0 and EPS normals the fused loss draws and only reduce them (x0 + ε summed)."""
     pid_k = tl.program_id(0)
     b = tl.program_id(1)
@@ -132,8 +139,8 @@ def _noise_sum_kernel(sample_index_ptr, partial_ptr, n_per_sample, seed_lo, seed
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(pid_k * BLOCK, n_per_sample, num_k * BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        x0 = normal_block(start // 4, sample, step_u32, STREAM_X0, k0, k1, BLOCK, LIBDEVICE_MATH)
-        eps = normal_block(start // 4, sample, step_u32, STREAM_EPS, k0, k1, BLOCK, LIBDEVICE_MATH)
+        x0 = normal_block(start // 4, sample, step_u32, STREAM_X0, k0, k1, BLOCK)
+        eps = normal_block(start // 4, sample, step_u32, STREAM_EPS, k0, k1, BLOCK)
         acc += tl.where(offs < n_per_sample, x0 + eps, 0.0)
     tl.store(partial_ptr + b * num_k + pid_k, tl.sum(acc, axis=0))
 
@@ -161,10 +168,6 @@ def is_interpreted(kernel) -> bool:
     return not isinstance(kernel, triton.runtime.JITFunction)
 
 
-def use_libdevice(device: torch.device, interpreted: bool) -> bool:
-    return PRECISE_MATH and device.type == "cuda" and not interpreted
-
-
 def noise_sum(seed: int, step: int, sample_index: torch.Tensor, n_per_sample: int) -> torch.Tensor:
     """Per-sample Σ(x0 + ε) over n elements [B] fp32: the noise-only cost limit for the bench.
 
@@ -176,6 +179,5 @@ def noise_sum(seed: int, step: int, sample_index: torch.Tensor, n_per_sample: in
     b = sample_index.numel()
     partial = torch.empty((b, num_k), dtype=torch.float32, device=device)
     _noise_sum_kernel[(num_k, b)](sample_index, partial, n_per_sample, seed_lo, seed_hi, step,
-                                  BLOCK=block, LIBDEVICE_MATH=use_libdevice(device, interpreted),
-                                  num_warps=4)
+                                  BLOCK=block, num_warps=4)
     return partial.sum(dim=1)

@@ -3,7 +3,6 @@
 import itertools
 import logging
 import os
-import time
 
 import numpy as np
 import pytest
@@ -64,14 +63,6 @@ def test_shapes_grey_has_one_channel_and_both_polarities():
     assert (background > 0.2).any() and (background < -0.2).any()
 
 
-def test_shapes_generation_is_fast():
-    ds = ShapesDataset(10_000, resolution=32, channels=3)
-    start = time.perf_counter()
-    x = ds.render(torch.arange(10_000))
-    assert x.shape[0] == 10_000
-    assert time.perf_counter() - start < 20.0   # ~1.3 s on 2 CPU cores
-
-
 @pytest.mark.parametrize("kwargs,word", [(dict(num_images=0), "num_images"),
                                          (dict(num_images=4, channels=2), "channels"),
                                          (dict(num_images=4, resolution=0), "resolution"),
@@ -96,9 +87,9 @@ def _write_folder(root):
     Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / "a_rgb.png")
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
         root / "sub" / "b.JPG", quality=95)
-    Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode="L").save(
+    Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(
         root / "sub" / "deeper" / "c_grey.png")
-    Image.fromarray(rng.integers(0, 256, (20, 24, 4), dtype=np.uint8), mode="RGBA").save(
+    Image.fromarray(rng.integers(0, 256, (20, 24, 4), dtype=np.uint8)).save(
         root / "d_rgba.png")
     Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).convert("P").save(
         root / "e_palette.gif")
@@ -129,11 +120,19 @@ def test_folder_scan_order_and_skips(tmp_path, caplog):
 
 def test_folder_28x28_grey_exact(tmp_path):
     pixels = np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8)
-    Image.fromarray(pixels, mode="L").save(tmp_path / "digit.png")
+    Image.fromarray(pixels).save(tmp_path / "digit.png")
     ds = ImageFolderDataset(tmp_path, resolution=28, channels=1)
     x = ds[0]
     assert x.shape == (1, 28, 28)
     expected = torch.from_numpy(pixels).float() / 127.5 - 1
+    torch.testing.assert_close(x[0], expected, rtol=0, atol=1e-6)
+
+
+def test_folder_16bit_grey_is_scaled_not_clipped(tmp_path):
+    pixels = np.random.default_rng(2).integers(0, 65536, (12, 12), dtype=np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "deep.png")
+    x = ImageFolderDataset(tmp_path, resolution=12, channels=1)[0]
+    expected = torch.from_numpy(pixels / 257.0).round().float() / 127.5 - 1
     torch.testing.assert_close(x[0], expected, rtol=0, atol=1e-6)
 
 
@@ -165,13 +164,14 @@ def test_folder_load_time_failure_substitutes_next(tmp_path, caplog):
     torch.testing.assert_close(ds[3], ds[0])
 
 
-def test_loader_counts_load_time_failures(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_counts_load_time_failures(tmp_path, workers):
     for i in range(6):
         Image.fromarray(np.full((8, 8, 3), 30 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
     (tmp_path / "bad.png").write_bytes(b"not a png")
     ds = ImageFolderDataset(tmp_path, resolution=8)
     (tmp_path / "2.png").write_bytes(b"broken later")
-    loader = BatchLoader(ds, batch_size=6, global_batch=6, seed=0)
+    loader = BatchLoader(ds, batch_size=6, global_batch=6, seed=0, workers=workers)
     assert loader.skipped_count == 1
     batches = take(loader, 2)   # two full epochs: every index, including the broken one
     assert loader.skipped_count == 2
@@ -296,7 +296,8 @@ def test_hflip_is_deterministic_and_keyed_by_global_index():
         assert torch.equal(xf[~mask], x[~mask])
     # the decision is the DATA-stream uniform of the global index, independent of the batch
     assert torch.equal(data.flip_mask(torch.tensor([70]), 9), data.flip_mask(plain[1][1], 9)[6:7])
-    assert not torch.equal(data.flip_mask(torch.arange(64), 9), data.flip_mask(torch.arange(64), 10))
+    g = torch.arange(64)
+    assert not torch.equal(data.flip_mask(g, 9), data.flip_mask(g, 10))
 
 
 def test_loader_accepts_plain_datasets():

@@ -10,15 +10,17 @@ from agm_fast.metrics import pixel_stats, sliced_wasserstein
 
 @pytest.fixture(scope="module")
 def shapes():
-    ds = ShapesDataset(1200, resolution=16, channels=3, seed=0)
-    x = ds.render(torch.arange(1200))
-    return x[:600], x[600:]   # two disjoint sets from the same distribution
+    # Two disjoint sets from the same distribution. Not fewer: light and dark backgrounds are two
+    # modes, and W2 grows like sqrt(mass moved between them), so small sets differ by chance.
+    ds = ShapesDataset(2000, resolution=16, channels=3, seed=0)
+    x = ds.render(torch.arange(2000))
+    return x[:1000], x[1000:]
 
 
 def test_zero_for_identical_sets_and_symmetric(shapes):
     a, b = shapes
     assert sliced_wasserstein(a, a) == 0.0
-    assert sliced_wasserstein(a, a[torch.randperm(600)]) == 0.0   # a set, not a sequence
+    assert sliced_wasserstein(a, a[torch.randperm(1000)]) == 0.0   # a set, not a sequence
     ab, ba = sliced_wasserstein(a, b), sliced_wasserstein(b, a)
     assert ab > 0 and abs(ab - ba) <= 1e-12 * ab
 
@@ -45,8 +47,8 @@ def test_measures_structure(shapes):
     assert sliced_wasserstein(a, noise) > 4 * held_out
     # pixel-shuffled shapes keep every colour value but lose all structure
     gen = torch.Generator().manual_seed(1)
-    perm = torch.stack([torch.randperm(256, generator=gen) for _ in range(600)])
-    shuffled = b.reshape(600, 3, 256).gather(2, perm[:, None].expand(-1, 3, -1)).reshape(b.shape)
+    perm = torch.stack([torch.randperm(256, generator=gen) for _ in range(1000)])
+    shuffled = b.reshape(1000, 3, 256).gather(2, perm[:, None].expand(-1, 3, -1)).reshape(b.shape)
     for downsample in (None, 4):
         assert (sliced_wasserstein(a, shuffled, downsample=downsample)
                 > 2 * sliced_wasserstein(a, b, downsample=downsample))
@@ -55,7 +57,7 @@ def test_measures_structure(shapes):
 def test_unequal_sizes_compare_quantiles(shapes):
     a, b = shapes
     held_out = sliced_wasserstein(a, b)
-    assert sliced_wasserstein(a, b[:450]) == pytest.approx(held_out, rel=0.3)
+    assert sliced_wasserstein(a, b[:750]) == pytest.approx(held_out, rel=0.3)
     assert sliced_wasserstein(a, torch.cat([a, a])) < 0.3 * held_out
     assert sliced_wasserstein(a[:1], a[:1] + 0.5) == pytest.approx(0.5, rel=0.25)
 
@@ -64,7 +66,7 @@ def test_flat_grey_and_downsample_inputs(shapes):
     a, b = shapes
     grey_a, grey_b = a[:, :1], b[:, :1]
     assert sliced_wasserstein(grey_a, grey_b, downsample=8) > 0
-    assert sliced_wasserstein(a.reshape(600, -1), b.reshape(600, -1)) == sliced_wasserstein(a, b)
+    assert sliced_wasserstein(a.reshape(1000, -1), b.reshape(1000, -1)) == sliced_wasserstein(a, b)
     # pooling to the full size is the identity
     assert sliced_wasserstein(a, b, downsample=16) == sliced_wasserstein(a, b)
     assert sliced_wasserstein(a.double(), b.double()) == pytest.approx(sliced_wasserstein(a, b))
@@ -77,7 +79,7 @@ def test_bad_arguments(shapes):
     with pytest.raises(ValueError, match="projections"):
         sliced_wasserstein(a, b, projections=0)
     with pytest.raises(ValueError, match="downsample"):
-        sliced_wasserstein(a.reshape(600, -1), b.reshape(600, -1), downsample=4)
+        sliced_wasserstein(a.reshape(1000, -1), b.reshape(1000, -1), downsample=4)
     with pytest.raises(ValueError, match="downsample"):
         sliced_wasserstein(a, b, downsample=32)
     with pytest.raises(ValueError, match="a must be a tensor"):

@@ -1,0 +1,445 @@
+"""Sampling: Euler–Maruyama of the EMA drift (DESIGN.md §1 "sampling", §3 "sampling loop").
+
+    x_0 ~ N(0, I)   (rng stream SAMPLE_X0, step word 0, keyed per global image index)
+    x ← x + f(x, t_k)·Δt + σ·sqrt(Δt)·z_k   on t_k = k/N, k = 0 … N−1, Δt = 1/N
+    z_k = rng.normal(seed, k, image_index, ·, Stream.EM); no noise on the last step
+
+σ is the checkpoint's bridge.sigma (the trainer learns the drift of the σ-bridge, no score, so
+another σ would sample a different process: refused). σ = 0 gives the probability-flow ODE.
+Every random number is keyed by (seed, step, global image index), so images do not depend on
+batch_size, and the eager loop, the fused op (agm_fast._C) and a CUDA graph give the same images.
+
+Public: em_step, time_grid, sample, save_drift, load_drift, read_drift_meta,
+sample_from_checkpoint, save_grid, save_npz, to_uint8.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import bridge, dispatch, ext, rng
+
+EM_CHOICES = ("auto", "torch", "ext")
+FORMAT = "agm_fast.drift.v1"
+META_KEYS = ("format", "drift_arch", "predicts", "sigma", "t_min", "t_eps", "config", "step")
+DEFAULT_STEPS = 200  # the paper's setting
+
+
+# ----------------------------------------------------------------------------- one EM step
+
+def _step_int(step) -> int:
+    return int(step.item()) if isinstance(step, torch.Tensor) else int(step)
+
+
+def em_step_reference(x: torch.Tensor, drift: torch.Tensor, *, dt: float, sigma: float, seed: int, step,
+                      image_index, last: bool = False) -> torch.Tensor:
+    """Pure-PyTorch EM step, in place, fp32 arithmetic in the order the fused op uses."""
+    v = x.float() + drift.float() * dt
+    if not last and sigma != 0:
+        idx = ext.image_index_tensor(image_index, x.shape[0], x.device)
+        z = rng.normal(seed, _step_int(step), idx, x[0].numel(), rng.Stream.EM, x.device).reshape(x.shape)
+        v = v + (sigma * math.sqrt(dt)) * z
+    x.copy_(v)
+    return x
+
+
+def em_step(x: torch.Tensor, drift: torch.Tensor, *, dt: float, sigma: float, seed: int, step, image_index,
+            last: bool = False, impl: str = "auto") -> torch.Tensor:
+    """x ← x + drift·dt + σ·sqrt(dt)·z in place (no noise if last or σ = 0); returns x.
+
+    step: int or int64 one-element tensor on x's device (the EM step index k, the Philox step word).
+    image_index: int b0 (row b has global index b0 + b) or an int64 tensor [B] on x's device.
+    impl: 'torch' (reference), 'ext' (agm_fast._C; an error if it cannot run), 'auto'.
+    """
+    if impl not in EM_CHOICES:
+        raise ValueError(f"sample.em must be one of {EM_CHOICES}; got {impl!r}")
+    impl, _ = dispatch.resolve("sample.em", impl, x.device)
+    if impl == "torch":
+        return em_step_reference(x, drift, dt=dt, sigma=sigma, seed=seed, step=step, image_index=image_index,
+                                 last=last)
+    if last or sigma == 0:
+        return ext.em_step_last_(x, drift, dt=dt)
+    return ext.em_step_(x, drift, dt=dt, sigma=sigma, seed=seed, step=step, image_index=image_index)
+
+
+# ----------------------------------------------------------------------------- the time grid
+
+def time_grid(steps: int, t_min: float = 0.0, t_eps: float = 1e-3) -> torch.Tensor:
+    """t_k = k/N for k = 0 … N−1 (fp32, computed as fp32(k)/N like the sampling loop does).
+
+    The grid must lie in the trained range [t_min, 1 − t_eps]: t_min = 0 and t_eps ≤ 1/N.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"sample.steps must be an integer ≥ 1; got {steps!r}")
+    if not (math.isfinite(t_min) and math.isfinite(t_eps)):
+        raise ValueError(f"bridge.t_min and bridge.t_eps must be finite; got {t_min!r}, {t_eps!r}")
+    if t_min > 0:
+        raise ValueError(f"the sampling grid starts at t=0 but the drift was trained on t ≥ bridge.t_min={t_min}: "
+                         "sampling needs a checkpoint trained with t_min = 0")
+    if t_eps * steps > 1 + 1e-9:
+        raise ValueError(f"the last grid point t=(N−1)/N={(steps - 1) / steps:.6g} lies outside the trained range "
+                         f"t ≤ 1 − bridge.t_eps = {1 - t_eps:.6g}: use sample.steps ≤ {math.floor(1 / t_eps + 1e-9)} "
+                         f"or a checkpoint trained with t_eps ≤ 1/{steps}")
+    return _t_of_step(torch.arange(steps, dtype=torch.int64), steps)
+
+
+def _t_of_step(step: torch.Tensor, steps: int) -> torch.Tensor:
+    # one expression for the eager loop, the CUDA graph and time_grid: identical t on a device
+    return step.to(torch.float32) / float(steps)
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+def _drift(net, x: torch.Tensor, t: torch.Tensor, predicts: str, autocast: bool) -> torch.Tensor:
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        pred = net(x, t)
+    if not isinstance(pred, torch.Tensor) or pred.shape != x.shape:
+        got = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__
+        raise ValueError(f"the drift net must return a tensor of x's shape {tuple(x.shape)}; got {got}")
+    if predicts == "x1":
+        return bridge.drift_from_prediction(pred.float(), x, t, "x1")
+    return pred
+
+
+def _check_sample_args(n, shape, sigma, predicts, seed, batch_size, first_index) -> tuple[int, int, int]:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (number of images) must be an integer ≥ 1; got {n!r}")
+    if (not isinstance(shape, (tuple, list)) or len(shape) != 3
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
+        raise ValueError(f"shape must be (C, H, W) of positive ints; got {shape!r}")
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be a finite float ≥ 0; got {sigma!r}")
+    if predicts not in bridge.PREDICTS:
+        raise ValueError(f"predicts must be one of {bridge.PREDICTS}; got {predicts!r}")
+    rng._split_seed(seed)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"sample.batch_size must be an integer ≥ 1; got {batch_size!r}")
+    if isinstance(first_index, bool) or not isinstance(first_index, int) or first_index < 0 \
+            or first_index + n - 1 > rng.MASK32:
+        raise ValueError(f"first_index must be an int ≥ 0 with first_index + n ≤ 2**32; got {first_index!r}")
+    return tuple(shape)
+
+
+def _resolve_device(device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} requested but CUDA is not available")
+    return device
+
+
+def sample(drift_fn, *, n: int, shape, steps: int = DEFAULT_STEPS, sigma: float, predicts: str = "drift",
+           t_min: float = 0.0, t_eps: float = 1e-3, seed: int = 0, em: str = "auto", batch_size: int = 64,
+           device="cpu", bf16: bool = False, compile: bool = False, cuda_graph: bool = False,
+           progress: bool = True, first_index: int = 0) -> torch.Tensor:
+    """n images [n, C, H, W] fp32 on the CPU: EM of drift_fn from x_0 ~ N(0, I) on t_k = k/N.
+
+    drift_fn(x [B,C,H,W] fp32, t [B] fp32) → drift (or x̂1 for predicts='x1'), x's shape; an
+    nn.Module is put in eval mode. Image i of the output has global index first_index + i, which
+    keys all its noise: the result does not depend on batch_size. bf16: autocast on CUDA (on the
+    CPU it is ignored with a warning). compile: torch.compile the drift net. cuda_graph: capture
+    one step (drift forward + fused EM op on static buffers; t and the Philox step live in device
+    memory that each replay advances) and replay it N−1 times; the noiseless last step runs eagerly.
+    """
+    shape = _check_sample_args(n, shape, sigma, predicts, seed, batch_size, first_index)
+    if em not in EM_CHOICES:
+        raise ValueError(f"sample.em must be one of {EM_CHOICES}; got {em!r}")
+    time_grid(steps, t_min, t_eps)  # validates steps and the trained range
+    device = _resolve_device(device)
+    impl, _ = dispatch.resolve("sample.em", em, device)
+    if cuda_graph:
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device; got device={str(device)!r}")
+        if impl != "ext":
+            raise ValueError("cuda_graph=True needs the fused op (sample.em=ext or auto with agm_fast._C built "
+                             f"with CUDA); sample.em resolved to {impl!r}: {ext.available(device)[1]}")
+    autocast = bool(bf16) and device.type == "cuda"
+    if bf16 and device.type != "cuda":
+        warnings.warn("bf16 autocast is only used on CUDA; sampling in fp32 on the CPU", stacklevel=2)
+    if isinstance(drift_fn, nn.Module):
+        drift_fn.eval()
+    net = torch.compile(drift_fn) if compile else drift_fn
+    c, h, w = shape
+    numel = c * h * w
+    dt = 1.0 / steps
+    batch = min(batch_size, n)
+    out = torch.empty(n, c, h, w, dtype=torch.float32)
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=n, unit="img", desc=f"sampling {steps} steps", disable=not progress)
+    with torch.inference_mode():
+        graph = _StepGraph(net, (batch, c, h, w), steps, dt, sigma, seed, predicts, autocast, device) \
+            if cuda_graph and steps > 1 else None
+        for start in range(0, n, batch):
+            b = min(batch, n - start)
+            idx = torch.arange(first_index + start, first_index + start + b, dtype=torch.int64, device=device)
+            x = rng.normal(seed, 0, idx, numel, rng.Stream.SAMPLE_X0, device).reshape(b, c, h, w)
+            if graph is not None:
+                x = graph.run(x, idx)
+            else:
+                x = _run_eager(net, x, idx, steps, dt, sigma, seed, predicts, autocast, impl)
+            out[start:start + b] = x.float().cpu()
+            bar.update(b)
+    bar.close()
+    return out
+
+
+def _run_eager(net, x, idx, steps, dt, sigma, seed, predicts, autocast, impl) -> torch.Tensor:
+    step = torch.zeros(1, dtype=torch.int64, device=x.device)  # the Philox step word, as in the graph
+    for k in range(steps):
+        t = _t_of_step(step, steps).expand(x.shape[0])
+        drift = _drift(net, x, t, predicts, autocast)
+        em_step(x, drift, dt=dt, sigma=sigma, seed=seed, step=step if impl == "ext" else k, image_index=idx,
+                last=k == steps - 1, impl=impl)
+        step.add_(1)
+    return x
+
+
+class _StepGraph:
+    """One captured EM step on static buffers, replayed N−1 times per batch (then an eager last step)."""
+
+    def __init__(self, net, shape, steps, dt, sigma, seed, predicts, autocast, device):
+        self.net, self.steps, self.dt, self.sigma, self.seed = net, steps, dt, sigma, seed
+        self.predicts, self.autocast = predicts, autocast
+        self.batch = shape[0]
+        self.x = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.idx = torch.arange(self.batch, dtype=torch.int64, device=device)
+        self.step = torch.zeros(1, dtype=torch.int64, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the capture (lazy init, cuDNN plans, compilation)
+            for _ in range(3):
+                self._body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._body()
+
+    def _t(self):
+        return _t_of_step(self.step, self.steps).expand(self.batch)
+
+    def _body(self):
+        drift = _drift(self.net, self.x, self._t(), self.predicts, self.autocast)
+        ext.em_step_(self.x, drift, dt=self.dt, sigma=self.sigma, seed=self.seed, step=self.step,
+                     image_index=self.idx)
+        self.step.add_(1)  # captured: every replay advances the Philox step and t
+
+    def run(self, x0: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        b = x0.shape[0]
+        if b < self.batch:  # a short last batch: pad with copies of its last image (rows are independent)
+            x0 = torch.cat([x0, x0[-1:].expand(self.batch - b, *x0.shape[1:])])
+            idx = torch.cat([idx, idx[-1:].expand(self.batch - b)])
+        self.x.copy_(x0)
+        self.idx.copy_(idx)
+        self.step.zero_()
+        for _ in range(self.steps - 1):
+            self.graph.replay()
+        drift = _drift(self.net, self.x, self._t(), self.predicts, self.autocast)
+        ext.em_step_last_(self.x, drift, dt=self.dt)
+        return self.x[:b].clone()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _atomic_target(path) -> tuple[str, str]:
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    os.close(fd)
+    return path, tmp
+
+
+def save_drift(path, state_dict: dict, drift_arch: dict, *, predicts: str, sigma: float, t_min: float,
+               t_eps: float, config: dict, step: int) -> None:
+    """Write EMA drift weights + metadata (format agm_fast.drift.v1) as safetensors, atomically."""
+    from safetensors.torch import save_file
+    if predicts not in bridge.PREDICTS:
+        raise ValueError(f"predicts must be one of {bridge.PREDICTS}; got {predicts!r}")
+    if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError("state_dict must be a non-empty mapping of names to tensors (the EMA drift weights)")
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    meta = {"format": FORMAT, "drift_arch": json.dumps(drift_arch, sort_keys=True), "predicts": predicts,
+            "sigma": repr(float(sigma)), "t_min": repr(float(t_min)), "t_eps": repr(float(t_eps)),
+            "config": json.dumps(config, sort_keys=True), "step": str(int(step))}
+    path, tmp = _atomic_target(path)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_drift_meta(path) -> dict:
+    """Metadata of a drift checkpoint, parsed: drift_arch and config as dicts, numbers as numbers."""
+    from safetensors import safe_open
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"drift checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory; pass the .safetensors file of EMA drift weights")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = f.metadata() or {}
+            n_tensors = len(list(f.keys()))
+    except Exception as err:
+        raise ValueError(f"{path} is not an agm_fast drift checkpoint (not a safetensors file: "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    if raw.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an agm_fast drift checkpoint (metadata format={raw.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    missing = [k for k in META_KEYS if k not in raw]
+    if missing:
+        raise ValueError(f"{path}: drift checkpoint metadata lacks {', '.join(missing)}")
+    if n_tensors == 0:
+        raise ValueError(f"{path} holds no EMA drift weights")
+    try:
+        meta = {"format": raw["format"], "drift_arch": json.loads(raw["drift_arch"]), "predicts": raw["predicts"],
+                "sigma": float(raw["sigma"]), "t_min": float(raw["t_min"]), "t_eps": float(raw["t_eps"]),
+                "config": json.loads(raw["config"]), "step": int(raw["step"])}
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: unreadable drift checkpoint metadata ({err})") from None
+    if not isinstance(meta["drift_arch"], dict) or not isinstance(meta["config"], dict):
+        raise ValueError(f"{path}: drift_arch and config metadata must be JSON objects")
+    if meta["predicts"] not in bridge.PREDICTS:
+        raise ValueError(f"{path}: predicts={meta['predicts']!r} is not one of {bridge.PREDICTS}")
+    return meta
+
+
+def build_drift_net(drift_arch: dict) -> nn.Module:
+    """DriftUNet(**drift_arch); tests replace this function to use a stand-in network."""
+    from .models import DriftUNet
+    return DriftUNet(**drift_arch)
+
+
+def checkpoint_image_shape(meta: dict) -> tuple[int, int, int]:
+    """(C, H, W) the checkpoint's drift was built for, from drift_arch's in_channels and resolution."""
+    arch = meta["drift_arch"]
+    if "in_channels" not in arch or "resolution" not in arch:
+        raise ValueError("drift_arch lacks in_channels or resolution: cannot tell the image shape")
+    res = arch["resolution"]
+    h, w = (res, res) if isinstance(res, int) else tuple(res)
+    return int(arch["in_channels"]), int(h), int(w)
+
+
+def load_drift(path, device="cpu") -> tuple[nn.Module, dict]:
+    """(EMA drift net in eval mode on device, parsed metadata). V_φ is never loaded."""
+    from safetensors.torch import load_file
+    meta = read_drift_meta(path)
+    try:
+        net = build_drift_net(meta["drift_arch"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: drift_arch {meta['drift_arch']} does not build the drift net: {err}") from None
+    weights = load_file(os.fspath(path), device="cpu")
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [f"{k}: checkpoint {tuple(weights[k].shape)} vs net {tuple(v.shape)}"
+             for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[0]})")
+        raise ValueError(f"{path}: the EMA weights do not fit the drift net built from drift_arch: "
+                         + "; ".join(parts))
+    net.load_state_dict(weights)
+    net = net.to(_resolve_device(device)).eval().requires_grad_(False)
+    return net, meta
+
+
+def sample_from_checkpoint(path, *, n: int, steps: int | None = None, sigma: float | None = None, seed: int = 0,
+                           em: str = "auto", batch_size: int = 64, device="cpu", bf16: bool = False,
+                           compile: bool = False, cuda_graph: bool = False, out_png=None, out_npz=None,
+                           nrow: int | None = None, shape=None, progress: bool = True,
+                           first_index: int = 0) -> torch.Tensor:
+    """Sample n images from a drift checkpoint; optionally write a PNG grid and/or a uint8 NHWC .npz.
+
+    steps: None = the checkpoint config's sample.steps (else 200). sigma: None = the checkpoint's
+    bridge.sigma; any other value is refused. shape: optional (C, H, W) to check against the
+    checkpoint. All arguments are checked before the weights are loaded.
+    """
+    meta = read_drift_meta(path)
+    ckpt_shape = checkpoint_image_shape(meta)
+    if shape is not None and tuple(shape) != ckpt_shape:
+        raise ValueError(f"requested image shape C×H×W={tuple(shape)} but the checkpoint's drift net was built "
+                         f"for {ckpt_shape}")
+    if sigma is not None and float(sigma) != meta["sigma"]:
+        raise ValueError(f"sigma={sigma} differs from the checkpoint's bridge.sigma={meta['sigma']}: the trainer "
+                         "learns the drift of that σ-bridge only (no score), so sampling must use it")
+    if steps is None:
+        steps = int((meta["config"].get("sample") or {}).get("steps", DEFAULT_STEPS))
+    time_grid(steps, meta["t_min"], meta["t_eps"])
+    net, meta = load_drift(path, device)
+    images = sample(net, n=n, shape=ckpt_shape, steps=steps, sigma=meta["sigma"], predicts=meta["predicts"],
+                    t_min=meta["t_min"], t_eps=meta["t_eps"], seed=seed, em=em, batch_size=batch_size,
+                    device=device, bf16=bf16, compile=compile, cuda_graph=cuda_graph, progress=progress,
+                    first_index=first_index)
+    if out_png is not None:
+        save_grid(images, out_png, nrow=nrow)
+    if out_npz is not None:
+        save_npz(images, out_npz)
+    return images
+
+
+# ----------------------------------------------------------------------------- image files
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] → uint8 NHWC (values outside are clipped, NaN → 0)."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a tensor [N, C, H, W]; got {getattr(images, 'shape', type(images))}")
+    x = torch.nan_to_num(images.detach().float().cpu(), nan=-1.0).clamp(-1, 1)
+    return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int = 2) -> None:
+    """PNG grid of images in [-1, 1] (C = 1 grey, C = 3 RGB), nrow images per row, written atomically."""
+    from PIL import Image
+    arr = to_uint8(images)
+    n, h, w, c = arr.shape
+    if c not in (1, 3):
+        raise ValueError(f"save_grid needs C = 1 (grey) or 3 (RGB) channels; got C={c}")
+    if nrow is None:
+        nrow = math.ceil(math.sqrt(n))
+    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
+        raise ValueError(f"nrow must be an integer ≥ 1; got {nrow!r}")
+    cols, rows = min(nrow, n), math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        y, x = padding + r * (h + padding), padding + q * (w + padding)
+        grid[y:y + h, x:x + w] = arr[i]
+    img = Image.fromarray(grid[:, :, 0] if c == 1 else grid)  # uint8 2-D → "L", H×W×3 → "RGB"
+    path, tmp = _atomic_target(path)
+    try:
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_npz(images: torch.Tensor, path) -> None:
+    """images in [-1, 1] → uint8 NHWC array under the key 'arr_0' (what FID tools read), atomically."""
+    arr = to_uint8(images)
+    path, tmp = _atomic_target(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, arr_0=arr)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

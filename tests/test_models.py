@@ -1,0 +1,314 @@
+"""DriftUNet / PotentialNet / attention backends / presets (agm_fast.models, DESIGN.md §2)."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from agm_fast import models
+from agm_fast.models import (ARCH_PRESETS, ATTENTION_BACKENDS, DriftUNet, PotentialNet, attention,
+                             count_parameters, norm_groups, preset_counts, resolve_attention)
+
+# A small net that still has every part: 3 levels, attention at one inner level + the bottleneck.
+TINY = dict(resolution=16, channels=8, channel_mult=(1, 2, 2), num_blocks=1, attn_resolutions=(8,), num_heads=2)
+
+
+def tiny_drift(seed=0, **overrides):
+    torch.manual_seed(seed)
+    net = DriftUNet(**{**TINY, **overrides})
+    torch.nn.init.normal_(net.conv_out.weight, std=0.1)  # leave the zero-init so the output depends on the net
+    torch.nn.init.normal_(net.conv_out.bias, std=0.1)
+    return net
+
+
+# ----------------------------------------------------------------------------- DriftUNet
+
+@pytest.mark.parametrize("B,C,H,W", [(2, 1, 28, 28), (1, 3, 7, 7), (2, 3, 30, 30), (1, 1, 13, 21), (1, 3, 16, 16),
+                                     (3, 3, 1, 5)])
+def test_drift_shapes_any_size(B, C, H, W):
+    net = tiny_drift(in_channels=C)
+    x, t = torch.randn(B, C, H, W), torch.rand(B)
+    out = net(x, t)
+    assert out.shape == x.shape and out.dtype == x.dtype and torch.isfinite(out).all()
+    # padding then cropping: each output pixel depends on its own input location (not a shifted one)
+    assert out.abs().sum() > 0
+
+
+def test_drift_non_contiguous_input_matches_contiguous():
+    net = tiny_drift(in_channels=3).eval()
+    base = torch.randn(2, 3, 19, 23)
+    x = base.transpose(-1, -2)  # [2, 3, 23, 19], non-contiguous
+    assert not x.is_contiguous()
+    t = torch.rand(4)[::2]      # non-contiguous t
+    torch.testing.assert_close(net(x, t), net(x.contiguous(), t.contiguous()), rtol=1e-5, atol=1e-6)
+
+
+def test_drift_zero_initialised_output_then_one_sgd_step_moves_it():
+    torch.manual_seed(0)
+    net = DriftUNet(**TINY)
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    assert torch.equal(net(x, t), torch.zeros_like(x))
+    target = torch.randn_like(x)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    torch.nn.functional.mse_loss(net(x, t), target).backward()
+    opt.step()
+    assert net(x, t).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("time_injection", ["add", "scale_shift"])
+def test_drift_gradients_reach_every_parameter(time_injection):
+    net = tiny_drift(time_injection=time_injection)
+    x, t = torch.randn(2, 3, 15, 15), torch.rand(2)
+    net(x, t).square().mean().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient reached: {missing}"
+
+
+@pytest.mark.parametrize("time_injection", ["add", "scale_shift"])
+def test_drift_depends_on_t(time_injection):
+    net = tiny_drift(time_injection=time_injection)  # width 8: one channel per GroupNorm group
+    x = torch.randn(2, 3, 16, 16)
+    assert (net(x, torch.full((2,), 0.1)) - net(x, torch.full((2,), 0.9))).abs().max() > 1e-4
+
+
+def test_drift_scalar_t_broadcasts():
+    net = tiny_drift()
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(net(x, 0.3), net(x, torch.full((3,), 0.3)))
+
+
+def test_drift_bf16_autocast_runs_and_stays_close():
+    net = tiny_drift()
+    x, t = torch.randn(2, 3, 12, 12), torch.rand(2)
+    ref = net(x, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x, t)
+    assert out.shape == x.shape
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max() + 0.02
+    out = net.bfloat16()(x.bfloat16(), t)  # bf16 weights: the fp32 time embedding is cast to match
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
+
+
+def test_drift_bad_inputs_are_clear_errors():
+    net = tiny_drift()
+    with pytest.raises(ValueError, match=r"x must be a tensor \[B, 3, H, W\]"):
+        net(torch.randn(2, 1, 16, 16), torch.rand(2))
+    with pytest.raises(ValueError, match="x must be"):
+        net(torch.randn(3, 16, 16), torch.rand(3))
+    with pytest.raises(ValueError, match=r"t must have shape \[2\]"):
+        net(torch.randn(2, 3, 16, 16), torch.rand(3))
+    with pytest.raises(TypeError, match="t must be a floating-point"):
+        net(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="model.num_heads"):
+        DriftUNet(**{**TINY, "num_heads": 3})
+    with pytest.raises(ValueError, match="model.time_injection"):
+        DriftUNet(**{**TINY, "time_injection": "concat"})
+    with pytest.raises(ValueError, match="model.channel_mult"):
+        DriftUNet(**{**TINY, "channel_mult": ()})
+
+
+def test_attention_is_placed_by_level_resolution():
+    def attended_levels(net, part):
+        return sorted({int(name.split("_")[0][5:]) for name, m in getattr(net, part).items()
+                       if isinstance(m, models.ResBlock) and m.attn is not None})
+    with torch.device("meta"):
+        net = DriftUNet(resolution=32, channels=8, channel_mult=(1, 2, 2, 2), num_blocks=1, attn_resolutions=(16,))
+    assert attended_levels(net, "enc") == [1] and attended_levels(net, "dec") == [1]
+    assert net.mid[0].attn is not None and net.mid[1].attn is None  # the bottleneck always attends
+    with torch.device("meta"):
+        net = DriftUNet(resolution=64, channels=8, channel_mult=(1, 2, 2, 2), num_blocks=1, attn_resolutions=(16, 8))
+    assert attended_levels(net, "enc") == [2, 3] and attended_levels(net, "dec") == [2, 3]
+
+
+def test_norm_groups_always_divide():
+    for c in [1, 2, 3, 8, 24, 48, 96, 100, 128, 160, 288, 576]:
+        g = norm_groups(c)
+        assert c % g == 0 and g <= 32
+    assert norm_groups(128) == 32 and norm_groups(48) == 16
+    DriftUNet(**{**TINY, "channels": 12, "num_heads": 4})(torch.randn(1, 3, 8, 8), torch.rand(1))  # 12 → 4 groups
+
+
+@pytest.mark.parametrize("cls,kwargs", [(DriftUNet, TINY),
+                                        (DriftUNet, {**TINY, "time_injection": "scale_shift", "dropout": 0.1}),
+                                        (PotentialNet, dict(channels=(8, 16, 24), time_input="film"))])
+def test_arch_rebuilds_the_same_network(cls, kwargs):
+    net = cls(**kwargs)
+    arch = json.loads(json.dumps(net.arch))  # a checkpoint stores it as JSON
+    rebuilt = cls(**arch)
+    assert rebuilt.arch == net.arch
+    assert {n: p.shape for n, p in net.named_parameters()} == {n: p.shape for n, p in rebuilt.named_parameters()}
+    rebuilt.load_state_dict(net.state_dict())  # strict: same keys
+
+
+def test_drift_traces_as_one_graph_once_attention_is_resolved():
+    net = tiny_drift()
+    x, t = torch.randn(2, 3, 13, 13), torch.rand(2)
+    net.resolve_attention_backend(x.device)  # the trainer does this after .to(device), before compiling
+    compiled = torch.compile(net, backend="eager", fullgraph=True)  # fullgraph: any graph break is an error
+    torch.testing.assert_close(compiled(x, t), net(x, t))
+
+
+# ----------------------------------------------------------------------------- attention backends
+
+def test_math_and_sdpa_networks_agree_forward_and_backward():
+    nets = {}
+    for backend in ("math", "sdpa"):
+        nets[backend] = tiny_drift(seed=1, attention=backend)  # same seed → same weights
+    x, t = torch.randn(2, 3, 11, 13), torch.rand(2)
+    outs, grads = {}, {}
+    for backend, net in nets.items():
+        xb = x.clone().requires_grad_()
+        out = net(xb, t)
+        out.square().mean().backward()
+        outs[backend], grads[backend] = out, {"x": xb.grad, **{n: p.grad for n, p in net.named_parameters()}}
+        assert net.attention_backend == backend
+    torch.testing.assert_close(outs["sdpa"], outs["math"], rtol=1e-5, atol=1e-6)
+    for name in grads["math"]:
+        torch.testing.assert_close(grads["sdpa"][name], grads["math"][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype,floor", [(torch.float32, 1e-6), (torch.bfloat16, 2e-3)])
+@pytest.mark.parametrize("shape", [(1, 1, 7, 5), (2, 3, 49, 16)])
+def test_sdpa_meets_parity_rule_against_fp64_math(dtype, floor, shape):
+    """DESIGN §3: err(sdpa in dtype vs fp64) ≤ 2·err(math in dtype vs fp64) + floor, forward and gradients."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(shape, dtype=torch.float64) for _ in range(3))
+    grad_out = torch.randn(shape, dtype=torch.float64)
+
+    def run(backend, dt):
+        qkv = [a.detach().to(dt).clone().requires_grad_() for a in (q, k, v)]
+        out = attention(*qkv, backend)
+        out.backward(grad_out.to(dt))
+        return [out] + [a.grad for a in qkv]
+
+    ref = run("math", torch.float64)
+    math_res, sdpa_res = run("math", dtype), run("sdpa", dtype)
+    for name, r, m, s in zip(["out", "dq", "dk", "dv"], ref, math_res, sdpa_res):
+        err_math = (m.double() - r).abs().max().item()
+        err_sdpa = (s.double() - r).abs().max().item()
+        assert err_sdpa <= 2 * err_math + floor, f"{name}: sdpa {err_sdpa:.3g} vs math {err_math:.3g}"
+
+
+def test_auto_on_cpu_resolves_to_sdpa_and_logs_once(monkeypatch, caplog):
+    backend, reason = resolve_attention("auto", "cpu")
+    assert backend == "sdpa" and "CUDA" in reason
+    monkeypatch.setattr(models, "_LOGGED", set())
+    net = tiny_drift()
+    assert net.attention_backend is None  # resolved on first use, for the input's device
+    with caplog.at_level(logging.INFO, logger="agm_fast"):
+        net(torch.randn(1, 3, 8, 8), torch.rand(1))
+        net(torch.randn(1, 3, 8, 8), torch.rand(1))
+        tiny_drift()(torch.randn(1, 3, 8, 8), torch.rand(1))
+    records = [r for r in caplog.records if r.name == "agm_fast" and "attention" in r.getMessage()]
+    assert len(records) == 1 and "sdpa" in records[0].getMessage()
+    assert net.attention_backend == "sdpa"
+
+
+@pytest.mark.parametrize("requested", ["math", "sdpa"])
+def test_explicit_backends_resolve_to_themselves(requested):
+    assert resolve_attention(requested, "cpu")[0] == requested
+
+
+def test_explicit_xformers_without_it_is_a_value_error():
+    allowed = ["'auto'", "'xformers'", "'sdpa'", "'math'"]
+    # on a CPU device xformers can never run, installed or not
+    with pytest.raises(ValueError, match="model.attention='xformers'") as info:
+        resolve_attention("xformers", "cpu")
+    assert all(a in str(info.value) for a in allowed)
+    if models._xformers_importable()[0]:
+        pytest.skip("xformers is installed: the build-time 'not importable' error cannot be exercised")
+    with pytest.raises(ValueError, match="model.attention='xformers' is unavailable") as info:
+        DriftUNet(**{**TINY, "attention": "xformers"})
+    assert all(a in str(info.value) for a in allowed)
+
+
+@pytest.mark.parametrize("bad", ["flash", "SDPA", "", None, 3])
+def test_unknown_attention_name_is_a_value_error(bad):
+    with pytest.raises(ValueError, match="model.attention must be one of 'auto', 'xformers', 'sdpa', 'math'"):
+        resolve_attention(bad, "cpu")
+    with pytest.raises(ValueError, match="model.attention must be one of"):
+        DriftUNet(**{**TINY, "attention": bad})
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        attention(*(torch.randn(1, 1, 2, 2),) * 3, "auto")  # only a resolved backend is accepted here
+    assert set(ATTENTION_BACKENDS) == {"auto", "xformers", "sdpa", "math"}
+
+
+# ----------------------------------------------------------------------------- PotentialNet
+
+@pytest.mark.parametrize("time_input", ["channel", "film"])
+@pytest.mark.parametrize("B,C,H,W", [(1, 1, 28, 28), (3, 3, 7, 9), (2, 3, 32, 32)])
+def test_potential_is_fp32_per_sample_and_depends_on_t(time_input, B, C, H, W):
+    torch.manual_seed(0)
+    net = PotentialNet(in_channels=C, resolution=H, channels=(8, 16, 24), time_input=time_input)
+    x = torch.randn(B, C, H, W)
+    v0, v1 = net(x, torch.zeros(B)), net(x, torch.full((B,), 0.7))
+    assert v0.shape == (B,) and v0.dtype == torch.float32
+    assert (v0 - v1).abs().min() > 0, "V must depend on t for every sample"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        vb = net(x, torch.full((B,), 0.7))
+    assert vb.dtype == torch.float32 and vb.shape == (B,)
+    assert net.bfloat16()(x.bfloat16(), torch.full((B,), 0.7)).dtype == torch.float32  # bf16 weights too
+
+
+@pytest.mark.parametrize("time_input", ["channel", "film"])
+def test_potential_gradients_reach_every_parameter(time_input):
+    torch.manual_seed(0)
+    net = PotentialNet(channels=(8, 16, 24), time_input=time_input)
+    net(torch.randn(3, 3, 10, 10), torch.rand(3)).sum().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient reached: {missing}"
+
+
+def test_potential_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="potential.time_input must be one of 'channel', 'film'"):
+        PotentialNet(time_input="concat")
+    with pytest.raises(ValueError, match="potential.channels"):
+        PotentialNet(channels=())
+    with pytest.raises(ValueError, match=r"x must be a tensor \[B, 3, H, W\]"):
+        PotentialNet()(torch.randn(2, 1, 8, 8), torch.rand(2))
+
+
+# ----------------------------------------------------------------------------- presets and counts
+
+def test_count_parameters():
+    assert count_parameters(torch.nn.Linear(3, 5)) == 3 * 5 + 5
+    with torch.device("meta"):
+        assert count_parameters(torch.nn.Conv2d(2, 4, 3)) == 2 * 4 * 9 + 4
+
+
+@pytest.mark.parametrize("name", list(ARCH_PRESETS))
+def test_preset_potential_to_drift_ratio(name):
+    drift, potential = preset_counts(name)
+    assert 0.005 <= potential / drift <= 0.03, f"{name}: {potential}/{drift} = {potential / drift:.4f}"
+    with torch.device("meta"):  # the FiLM variant must stay in range too
+        film = count_parameters(PotentialNet(**{**ARCH_PRESETS[name]["potential"], "time_input": "film"}))
+    assert 0.005 <= film / drift <= 0.03
+    p = ARCH_PRESETS[name]
+    assert p["drift"]["in_channels"] == p["potential"]["in_channels"]
+    assert p["drift"]["resolution"] == p["potential"]["resolution"]
+
+
+def test_preset_ratios_centre_on_paper_value():
+    ratios = [p / d for d, p in map(preset_counts, ARCH_PRESETS)]
+    assert abs(sum(ratios) / len(ratios) - 0.014) < 0.002
+
+
+def test_paper_preset_is_about_35m_and_presets_are_json():
+    drift, _ = preset_counts("res64")
+    assert 30e6 <= drift <= 40e6
+    assert 1e6 <= preset_counts("demo32")[0] <= 3e6
+    assert ARCH_PRESETS["res28"]["drift"]["in_channels"] == 1
+    assert json.loads(json.dumps(ARCH_PRESETS)) == ARCH_PRESETS
+    with pytest.raises(ValueError, match="preset must be one of"):
+        preset_counts("res512")
+
+
+def test_demo_preset_trains_one_step_at_its_resolution():
+    torch.manual_seed(0)
+    net = DriftUNet(**ARCH_PRESETS["demo32"]["drift"])
+    pot = PotentialNet(**ARCH_PRESETS["demo32"]["potential"])
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    loss = (net(x, t) - x).square().mean() + pot(x, t).mean()
+    loss.backward()
+    assert net.conv_out.weight.grad.abs().sum() > 0 and pot.head.weight.grad.abs().sum() > 0
