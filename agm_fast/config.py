@@ -43,6 +43,7 @@ class ModelConfig:
     num_heads: int = 4                 # attention heads
     dropout: float = 0.0               # dropout in residual blocks
     attention: str = "auto"            # auto | xformers | sdpa | math
+    time_injection: str = "add"        # add (GN(h) + e(t)) | scale_shift (ADM: GN(h)·(1 + s) + b)
     predicts: str = "drift"            # drift | x1 (drift = (x̂1 - x_t)/(1-t), loss on x1)
 
 
@@ -50,6 +51,7 @@ class ModelConfig:
 class PotentialConfig:
     channels: list = field(default_factory=lambda: [16, 32, 64])   # the three stride-2 convs
     time_input: str = "channel"        # channel (t as a constant input channel) | film
+    film_dim: int = 32                 # width of the t-embedding feeding FiLM (time_input=film)
     margin: float = 1.0                # hinge margin m of paper Eq. 10
     negatives: str = "pixel_shuffle"   # pixel_shuffle | patch_shuffle | noise
     patch: int = 4                     # tile size for negatives=patch_shuffle
@@ -138,6 +140,7 @@ CHOICES = {
     "data.loader": ("auto", "torch", "dali"),
     "model.attention": ("auto", "xformers", "sdpa", "math"),
     "model.predicts": ("drift", "x1"),
+    "model.time_injection": ("add", "scale_shift"),
     "potential.time_input": ("channel", "film"),
     "potential.negatives": ("pixel_shuffle", "patch_shuffle", "noise"),
     "weights.scheme": ("softmax", "uniform"),
@@ -155,6 +158,7 @@ RANGES = {
     "model.channels": (1, None, True, True), "model.num_blocks": (1, None, True, True),
     "model.num_heads": (1, None, True, True), "model.dropout": (0, 1, True, False),
     "potential.margin": (0, None, False, True), "potential.patch": (1, None, True, True),
+    "potential.film_dim": (2, None, True, True),
     "bridge.sigma": (0, None, True, True), "bridge.t_min": (0, 1, True, False),
     "bridge.t_eps": (0, 1, False, False),
     "weights.tau": (0, None, False, True), "weights.clip": (0, None, False, True),

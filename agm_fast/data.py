@@ -58,7 +58,8 @@ def _check_channels(channels) -> int:
 # ----------------------------------------------------------------------------- shapes
 
 class ShapesDataset(Dataset):
-    """One or two antialiased shapes (disk, square, triangle) on a plain or gradient background.
+    """One or two antialiased upright shapes (disk, square, triangle) on a plain or gradient
+    background, with random position, size and colour.
 
     Image i is a pure function of (seed, i, resolution, channels): its ~30 parameters are Philox
     uniforms keyed by (seed, SHAPES_STEP, i, Stream.DATA). Shapes are large and contrast with the
@@ -71,8 +72,8 @@ class ShapesDataset(Dataset):
 
     # layout of the per-image uniforms (lane numbers); the tints follow, C per colour
     _POLARITY, _BG_LEVEL, _GRAD_ON, _GRAD_AMP, _GRAD_ANGLE, _TWO_SHAPES = range(6)
-    _SHAPE0 = 6              # per shape: type, size, cx, cy, angle, level
-    _PER_SHAPE = 6
+    _SHAPE0 = 6              # per shape: type, size, cx, cy, level
+    _PER_SHAPE = 5
 
     def __init__(self, num_images: int, resolution: int = 32, channels: int = 3, seed: int = 0):
         self.num_images = _check_int("num_images", num_images, 1)
@@ -134,11 +135,8 @@ class ShapesDataset(Dataset):
             size = (0.30 - 0.08 * two.float()) * (0.55 + 0.45 * col(p + 1))   # "radius", /image
             cx = size + (1 - 2 * size) * col(p + 2)
             cy = size + (1 - 2 * size) * col(p + 3)
-            theta = 2 * math.pi * col(p + 4)
-            # local coordinates, rotated by -theta
-            dx, dy = px - cx, py - cy
-            c, s = torch.cos(theta), torch.sin(theta)
-            qx, qy = c * dx + s * dy, -s * dx + c * dy
+            # upright, axis-aligned shapes: rotations would make the demo far harder to learn
+            qx, qy = px - cx, cy - py     # y up, so triangles point to the top of the image
             sdf = torch.where(kind == 0, _sdf_disk(qx, qy, size),
                               torch.where(kind == 1, _sdf_square(qx, qy, 0.85 * size),
                                           _sdf_triangle(qx, qy, 1.25 * size)))
@@ -147,7 +145,7 @@ class ShapesDataset(Dataset):
             if k == 1:
                 cover = cover * two
             # shape level on the opposite side of zero from the background
-            level = -sign * (0.45 + 0.55 * col(p + 5))
+            level = -sign * (0.45 + 0.55 * col(p + 4))
             colour = level[:, None] + 0.8 * (tints[:, 1 + k, :, None, None] - 0.5)
             cover = cover[:, None]
             image = image + cover * (colour - image)

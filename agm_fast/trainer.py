@@ -85,13 +85,13 @@ def drift_arch(cfg: Config) -> dict:
     return dict(in_channels=d.channels, resolution=d.resolution, channels=m.channels,
                 channel_mult=list(m.channel_mult), num_blocks=m.num_blocks,
                 attn_resolutions=list(m.attn_resolutions), num_heads=m.num_heads,
-                dropout=m.dropout, attention=m.attention)
+                dropout=m.dropout, attention=m.attention, time_injection=m.time_injection)
 
 
 def potential_arch(cfg: Config) -> dict:
     p, d = cfg.potential, cfg.data
     return dict(in_channels=d.channels, resolution=d.resolution, channels=list(p.channels),
-                time_input=p.time_input)
+                time_input=p.time_input, film_dim=p.film_dim)
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -167,8 +167,8 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.drift = models.DriftUNet(**drift_arch(cfg)).to(self.device)
         self.potential = models.PotentialNet(**potential_arch(cfg)).to(self.device)
+        self.drift.resolve_attention_backend(self.device)  # logs the backend and why
         self.ema = copy.deepcopy(self.drift).eval().requires_grad_(False)
-        log.info("model.attention: %s", getattr(self.drift, "attention_backend", "?"))
         self.n_drift = models.count_parameters(self.drift)
         self.n_potential = models.count_parameters(self.potential)
         log.info("parameters: drift %s, potential %s (%.2f %% of drift)", f"{self.n_drift:,}",

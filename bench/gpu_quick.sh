@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The most important GPU measurements, most important first, in ≤ 8 minutes on an H100, so a
+# 30-minute device budget always yields results. Run from the repo root on the GPU machine:
+#   bash bench/gpu_quick.sh            (results: bench/results/*.json, copied to $OUT if set)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+# 1. build agm_fast._C against the machine's CUDA torch (no network there: no isolation, no deps)
+$PY -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
+$PY -m agm_fast.cli info --device cuda
+# 2. correctness of the CUDA paths (kernel parity, EM op, CUDA-graph sampler)
+timeout 240 $PY -m pytest -q -x -ra tests/test_kernels.py tests/test_em_op.py tests/test_sampler.py 2>&1 | tail -15
+# 3. timings: fused loss + bridge kernels, then the EM op and the sampler
+timeout 150 $PY bench/bench_loss_kernel.py --quick
+timeout 120 $PY bench/bench_em.py --quick
+if [ -n "${OUT:-}" ]; then cp bench/results/*.json bench/results/*.md "$OUT"/ 2>/dev/null; fi
