@@ -82,9 +82,9 @@ def _ema_path(path: str) -> str:
 
 def cmd_info(args) -> int:
     from . import __version__, dispatch
-    from .trainer import package_versions, resolve_device
+    from .trainer import package_versions
 
-    device = resolve_device(args.device)
+    device = dispatch.resolve_device(args.device, "--device")
     print(f"agm_fast {__version__} on {device}")
     print(json.dumps(package_versions()))
     for name, (impl, why) in dispatch.describe(device).items():

@@ -76,7 +76,7 @@ class WeightsConfig:
 class OptimConfig:
     lr: float = 2e-4                   # AdamW learning rate of the drift net f_θ
     lr_potential: float = 1e-4         # AdamW learning rate of the potential V_φ
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW β1, β2 (both nets)
     weight_decay: float = 0.0          # AdamW decoupled weight decay (both nets)
     warmup_steps: int = 200            # linear LR warm-up
     schedule: str = "constant"         # constant | cosine (decay to 0 at train.steps)

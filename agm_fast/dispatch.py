@@ -20,6 +20,19 @@ class UnavailableError(ValueError):
     """An explicitly requested implementation cannot run here."""
 
 
+def resolve_device(name, field: str = "device") -> torch.device:
+    """'auto' → cuda when available, else cpu; an unavailable CUDA device is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{field}={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{field}={str(name)!r} but CUDA is not available; use auto or cpu")
+    return dev
+
+
 def _triton_status(device: torch.device) -> tuple[bool, str]:
     try:
         from agm_fast import kernels

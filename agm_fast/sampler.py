@@ -128,15 +128,6 @@ def _check_sample_args(n, shape, sigma, predicts, seed, batch_size, first_index)
     return tuple(shape)
 
 
-def _resolve_device(device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} requested but CUDA is not available")
-    return device
-
-
 def sample(drift_fn, *, n: int, shape, steps: int = DEFAULT_STEPS, sigma: float, predicts: str = "drift",
            t_min: float = 0.0, t_eps: float = 1e-3, seed: int = 0, em: str = "auto", batch_size: int = 64,
            device="cpu", bf16: bool = False, compile: bool = False, cuda_graph: bool = False,
@@ -154,7 +145,7 @@ def sample(drift_fn, *, n: int, shape, steps: int = DEFAULT_STEPS, sigma: float,
     if em not in EM_CHOICES:
         raise ValueError(f"sample.em must be one of {EM_CHOICES}; got {em!r}")
     time_grid(steps, t_min, t_eps)  # validates steps and the trained range
-    device = _resolve_device(device)
+    device = dispatch.resolve_device(device)
     impl, _ = dispatch.resolve("sample.em", em, device)
     if cuda_graph:
         if device.type != "cuda":
@@ -357,7 +348,7 @@ def load_drift(path, device="cpu") -> tuple[nn.Module, dict]:
         raise ValueError(f"{path}: the EMA weights do not fit the drift net built from drift_arch: "
                          + "; ".join(parts))
     net.load_state_dict(weights)
-    net = net.to(_resolve_device(device)).eval().requires_grad_(False)
+    net = net.to(dispatch.resolve_device(device)).eval().requires_grad_(False)
     return net, meta
 
 

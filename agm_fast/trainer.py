@@ -42,15 +42,6 @@ class TrainingError(RuntimeError):
 
 # ----------------------------------------------------------------------------- small helpers
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available; use auto or cpu")
-    return dev
-
-
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -145,7 +136,7 @@ class Trainer:
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=False)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        self.device = resolve_device(t.device)
+        self.device = dispatch.resolve_device(t.device, "train.device")
         self.rank, self.world = 0, 1
         self.run_dir = Path(t.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"

@@ -60,3 +60,10 @@ def test_bad_preset_and_bad_toml(tmp_path):
     flat.write_text("steps = 3\n")
     with pytest.raises(ConfigError, match="inside a section"):
         config.load(str(flat))
+
+
+def test_readme_documents_every_field():
+    from pathlib import Path
+    readme = (Path(config.__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [k for k in config.field_names() if f"`{k}`" not in readme]
+    assert not missing, f"README's configuration reference lacks {missing}"
