@@ -7,7 +7,7 @@ DriftUNet   GroupNorm + SiLU residual blocks, sinusoidal time embedding + MLP in
             zero-padded to a multiple of 2^(levels-1) and the output cropped back.
 PotentialNet  three stride-2 Conv + GroupNorm + SiLU layers, adaptive average pool, linear → one fp32
             scalar per sample; t enters as a constant input channel or by FiLM. ≈ 1.4 % of the drift
-            net's parameters (paper §3; see ARCH_PRESETS).
+            net's parameters (paper §3; the presets in configs/ keep it near 1.4 %).
 
 Attention backends (`attention` ∈ ATTENTION_BACKENDS): 'xformers' (memory-efficient attention, CUDA
 only, imported lazily), 'sdpa' (torch.nn.functional.scaled_dot_product_attention), 'math' (the

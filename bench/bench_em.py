@@ -3,7 +3,7 @@
 1. The op (agm_fast._C, noise drawn in-op) vs eager PyTorch (separate mul / add / randn, and the
    reference step with agm_fast.rng noise), in GB/s and as % of the copy bandwidth measured in the
    same run. Bytes = read x + read drift + write x (the noise is never stored by the op).
-2. (CUDA) 200-step sampling at 64² with the paper-size drift net (ARCH_PRESETS['res64'], bf16
+2. (CUDA) 200-step sampling at 64² with the paper-size drift net (configs/celeba64.toml, bf16
    autocast) at batches 4/16/64/256: eager loop vs CUDA-graph sampler vs graph + torch.compile,
    img/s and the projected minutes for 50,000 samples (one FID evaluation).
 
@@ -66,8 +66,10 @@ def bench_op(device: torch.device, shapes, dtypes, with_rng_reference: bool) -> 
 
 
 def bench_sampler(device: torch.device, batches, steps: int) -> list[dict]:
-    from agm_fast.models import ARCH_PRESETS, DriftUNet, count_parameters
-    arch = dict(ARCH_PRESETS["res64"]["drift"], dropout=0.0)
+    from agm_fast import config
+    from agm_fast.models import DriftUNet, count_parameters
+    from agm_fast.trainer import drift_arch
+    arch = dict(drift_arch(config.load("celeba64", ["data.path=unused"])), dropout=0.0)
     net = DriftUNet(**arch).to(device).eval().requires_grad_(False)
     print(f"drift net res64: {count_parameters(net) / 1e6:.1f}M parameters, bf16 autocast, {steps} steps")
     rows = []
