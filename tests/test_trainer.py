@@ -130,7 +130,7 @@ def _wait_for_lines(path: Path, n: int, proc, timeout=120):
     pytest.fail("training made no progress")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killed_run_resumes_exactly(tmp_path, sig):
     steps = 40
     ref = tiny(tmp_path, f"train.steps={steps}", "train.ckpt_every=5", name="ref")
