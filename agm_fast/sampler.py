@@ -62,6 +62,12 @@ def em_step(x: torch.Tensor, drift: torch.Tensor, *, dt: float, sigma: float, se
     if impl not in EM_CHOICES:
         raise ValueError(f"sample.em must be one of {EM_CHOICES}; got {impl!r}")
     impl, _ = dispatch.resolve("sample.em", impl, x.device)
+    return _em_step_resolved(impl, x, drift, dt=dt, sigma=sigma, seed=seed, step=step, image_index=image_index,
+                             last=last)
+
+
+def _em_step_resolved(impl: str, x, drift, *, dt, sigma, seed, step, image_index, last):
+    """em_step for an already resolved implementation ('torch' or 'ext'): no per-step dispatch."""
     if impl == "torch":
         return em_step_reference(x, drift, dt=dt, sigma=sigma, seed=seed, step=step, image_index=image_index,
                                  last=last)
@@ -189,8 +195,8 @@ def _run_eager(net, x, idx, steps, dt, sigma, seed, predicts, autocast, impl) ->
     for k in range(steps):
         t = _t_of_step(step, steps).expand(x.shape[0])
         drift = _drift(net, x, t, predicts, autocast)
-        em_step(x, drift, dt=dt, sigma=sigma, seed=seed, step=step if impl == "ext" else k, image_index=idx,
-                last=k == steps - 1, impl=impl)
+        _em_step_resolved(impl, x, drift, dt=dt, sigma=sigma, seed=seed, step=step if impl == "ext" else k,
+                          image_index=idx, last=k == steps - 1)
         step.add_(1)
     return x
 
