@@ -123,13 +123,13 @@ def test_one_step_sampler_adds_no_noise():
 
 def test_last_step_of_a_run_adds_no_noise(monkeypatch):
     calls = []
-    real = sampler.em_step
+    real = sampler._em_step_resolved
 
-    def spy(x, drift, **kw):
+    def spy(impl, x, drift, **kw):
         calls.append(kw["last"])
-        return real(x, drift, **kw)
+        return real(impl, x, drift, **kw)
 
-    monkeypatch.setattr(sampler, "em_step", spy)
+    monkeypatch.setattr(sampler, "_em_step_resolved", spy)
     sampler.sample(_tiny(), n=2, shape=(3, 8, 8), steps=6, sigma=0.5, progress=False)
     assert calls == [False] * 5 + [True]
 
