@@ -21,7 +21,6 @@ from setuptools import setup
 PACKAGES = dict(
     packages=["agm_fast", "agm_fast.kernels"],
     package_dir={"agm_fast": "agm_fast", "agm_fast.kernels": "kernels"},
-    package_data={"agm_fast": ["configs/*.toml"]},
 )
 
 
