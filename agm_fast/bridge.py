@@ -179,10 +179,10 @@ def weighted_bridge_loss(pred: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, 
     return LossOutput(loss, per_sample, w)
 
 
-def effective_sample_size(w: torch.Tensor) -> float:
-    """(Σw)²/Σw²: B for uniform weights, 1 when one sample takes all the weight."""
-    w = w.to(torch.float64)
-    return float(w.sum() ** 2 / w.square().sum())
+def effective_sample_size(w: torch.Tensor) -> torch.Tensor:
+    """(Σw)²/Σw² (a 0-dim tensor, no device sync): B for uniform weights, 1 when one sample
+    takes all the weight."""
+    return w.sum() ** 2 / w.square().sum()
 
 
 def weight_ratio_bound(clip: float, tau: float) -> float:

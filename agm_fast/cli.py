@@ -66,10 +66,11 @@ def cmd_sample(args) -> int:
 def _ema_path(path: str) -> str:
     """A run directory or checkpoint directory → its EMA weights file; a file is taken as is."""
     from pathlib import Path
+
+    from .trainer import checkpoints
     p = Path(path)
     if p.is_dir() and (p / "checkpoints").is_dir():
-        ckpts = sorted(c for c in (p / "checkpoints").iterdir() if (c / "ema.safetensors").exists()
-                       and not c.name.endswith(".tmp"))
+        ckpts = checkpoints(p)
         if not ckpts:
             raise FileNotFoundError(f"{path}: run directory without a complete checkpoint")
         p = ckpts[-1]
@@ -132,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         from .trainer import TrainingError
-        user_error = isinstance(e, (ValueError, FileNotFoundError, TrainingError))
+        user_error = isinstance(e, (ValueError, OSError, TrainingError))
         if os.environ.get("AGM_FAST_DEBUG") or not user_error:
             raise
         print(f"agm-fast {args.command}: error: {e}", file=sys.stderr)

@@ -153,7 +153,7 @@ def em_step_(x: torch.Tensor, drift: torch.Tensor, *, dt: float, sigma: float, s
     _check_x_drift(x, drift, dt)
     _check_sigma(sigma)
     _require(x.device)
-    lo, hi = rng._split_seed(seed)
+    lo, hi = rng.split_seed(seed)
     idx = image_index_tensor(image_index, x.shape[0], x.device)
     k = step_tensor(step, x.device)
     return _in_place(x, lambda xc: torch.ops.agm_fast.em_step_(xc, drift, idx, k, float(dt), float(sigma), lo, hi))

@@ -42,8 +42,9 @@ class Stream(IntEnum):
     DATA = 6        # data augmentation (flips)
 
 
-def _split_seed(seed: int) -> tuple[int, int]:
-    if not isinstance(seed, int) or seed < 0 or seed >= 2**64:
+def split_seed(seed: int) -> tuple[int, int]:
+    """A seed in [0, 2⁶⁴) → the two Philox key words (lo, hi)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 or seed >= 2**64:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     return seed & MASK32, (seed >> 32) & MASK32
 
@@ -85,7 +86,9 @@ def box_muller(ra: torch.Tensor, rb: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def _sample_index(sample_index, device) -> torch.Tensor:
     idx = torch.as_tensor(sample_index, dtype=torch.int64, device=device).reshape(-1)
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) > MASK32):
+    # checked on the CPU only: on a GPU the check would cost a device sync per draw; the
+    # trainer and sampler build their indices on the CPU side where they are checked once
+    if idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) > MASK32):
         raise ValueError("global sample indices must lie in [0, 2**32)")
     return idx
 
@@ -97,7 +100,7 @@ def normal(seed: int, step: int, sample_index, numel: int, stream: Stream,
     Row b is a pure function of (seed, step, sample_index[b], stream): the rows for global
     samples [0, 2b) equal those of [0, b) followed by [b, 2b).
     """
-    k0, k1 = _split_seed(seed)
+    k0, k1 = split_seed(seed)
     idx = _sample_index(sample_index, device)
     nblocks = (numel + 3) // 4
     blocks = torch.arange(nblocks, dtype=torch.int64, device=idx.device)
@@ -111,7 +114,7 @@ def normal(seed: int, step: int, sample_index, numel: int, stream: Stream,
 def uniform(seed: int, step: int, sample_index, stream: Stream,
             device: torch.device | str = "cpu", numel: int = 1) -> torch.Tensor:
     """Uniforms in (0, 1], shape [len(sample_index), numel] fp32 (lane i%4 of block i//4)."""
-    k0, k1 = _split_seed(seed)
+    k0, k1 = split_seed(seed)
     idx = _sample_index(sample_index, device)
     nblocks = (numel + 3) // 4
     blocks = torch.arange(nblocks, dtype=torch.int64, device=idx.device)

@@ -125,7 +125,7 @@ def _check_sample_args(n, shape, sigma, predicts, seed, batch_size, first_index)
         raise ValueError(f"sigma must be a finite float ≥ 0; got {sigma!r}")
     if predicts not in bridge.PREDICTS:
         raise ValueError(f"predicts must be one of {bridge.PREDICTS}; got {predicts!r}")
-    rng._split_seed(seed)
+    rng.split_seed(seed)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"sample.batch_size must be an integer ≥ 1; got {batch_size!r}")
     if isinstance(first_index, bool) or not isinstance(first_index, int) or first_index < 0 \
@@ -380,6 +380,9 @@ def sample_from_checkpoint(path, *, n: int, steps: int | None = None, sigma: flo
     if steps is None:
         steps = int((meta["config"].get("sample") or {}).get("steps", DEFAULT_STEPS))
     time_grid(steps, meta["t_min"], meta["t_eps"])
+    for out, suffix in ((out_png, ".png"), (out_npz, ".npz")):  # before hours of sampling, not after
+        if out is not None:
+            _check_output_path(out, suffix)
     net, meta = load_drift(path, device)
     images = sample(net, n=n, shape=ckpt_shape, steps=steps, sigma=meta["sigma"], predicts=meta["predicts"],
                     t_min=meta["t_min"], t_eps=meta["t_eps"], seed=seed, em=em, batch_size=batch_size,
@@ -393,6 +396,22 @@ def sample_from_checkpoint(path, *, n: int, steps: int | None = None, sigma: flo
 
 
 # ----------------------------------------------------------------------------- image files
+
+def _check_output_path(path, suffix: str) -> None:
+    """The output file can be written: not a directory, its folder exists or can be made."""
+    path = os.fspath(path)
+    if not path.lower().endswith(suffix):
+        raise ValueError(f"{path}: the output file name must end in {suffix}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory; give a file name ending in {suffix}")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot create its folder ({e.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{path}: folder {folder} is not writable")
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[N, C, H, W] in [-1, 1] → uint8 NHWC (values outside are clipped, NaN → 0)."""

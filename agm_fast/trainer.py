@@ -102,6 +102,17 @@ def ema_beta(cfg: Config) -> float:
     return 0.5 ** (cfg.train.batch_size / h) if h > 0 else 0.0
 
 
+def checkpoints(run_or_ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run directory, oldest first (a `.tmp` save killed before its
+    rename is not one)."""
+    d = Path(run_or_ckpt_dir)
+    d = d / "checkpoints" if (d / "checkpoints").is_dir() else d
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
+                  and not p.name.endswith(".tmp") and (p / "state.json").exists())
+
+
 # ----------------------------------------------------------------------------- optimiser state I/O
 # Optimiser state goes to safetensors + JSON so that loading never unpickles anything.
 
@@ -149,6 +160,12 @@ class Trainer:
         else:
             self.autocast_dtype = None
 
+        if t.sample_every or t.eval_images:  # fail now, not at the first sample grid
+            from .sampler import time_grid
+            try:
+                time_grid(cfg.sample.steps, cfg.bridge.t_min, cfg.bridge.t_eps)
+            except ValueError as e:
+                raise ConfigError(f"{e} (or set train.sample_every=0 and train.eval_images=0)") from None
         self.kernels_impl, why = dispatch.resolve("train.kernels", t.kernels, self.device)
         log.info("train.kernels: %s (%s)", self.kernels_impl, why)
 
@@ -185,7 +202,8 @@ class Trainer:
         self.loader = data.BatchLoader(self.dataset, batch_size=self.per_rank_batch,
                                        global_batch=t.batch_size, rank_offset=self.rank * self.per_rank_batch,
                                        seed=t.seed, start_step=self.step, hflip=cfg.data.hflip,
-                                       workers=cfg.data.workers, loader=cfg.data.loader)
+                                       workers=cfg.data.workers, loader=cfg.data.loader,
+                                       pin_memory=self.device.type == "cuda")
 
     # ------------------------------------------------------------------ run bookkeeping
     def _write_run_info(self) -> None:
@@ -204,15 +222,18 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < self.step]
+        keep = []
+        for ln in path.read_text().splitlines():
+            try:
+                if json.loads(ln)["step"] < self.step:
+                    keep.append(ln)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a line cut short by a kill: the metrics file is a log, not state
         atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
     # ------------------------------------------------------------------ checkpoints
     def latest_checkpoint(self) -> Path | None:
-        if not self.ckpt_dir.exists():
-            return None
-        done = sorted(p for p in self.ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
-                      and not p.name.endswith(".tmp") and (p / "state.json").exists())
+        done = checkpoints(self.ckpt_dir)
         return done[-1] if done else None
 
     def save_checkpoint(self) -> Path:
@@ -246,9 +267,7 @@ class Trainer:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        old = sorted(p for p in self.ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
-                     and not p.name.endswith(".tmp"))
-        for p in old[: -self.cfg.train.keep_ckpts]:
+        for p in checkpoints(self.ckpt_dir)[: -self.cfg.train.keep_ckpts]:
             shutil.rmtree(p, ignore_errors=True)
         return final
 
@@ -267,33 +286,48 @@ class Trainer:
             raise TrainingError(f"{ckpt}: unknown checkpoint format {state.get('format')!r}")
         return state
 
+    def _load_tensors(self, path: Path, into: torch.nn.Module | None = None) -> dict:
+        """safetensors → tensors on this device (optionally loaded into a module); any failure
+        (missing, truncated or corrupt file, mismatched keys) is one TrainingError naming the file."""
+        try:
+            tensors = load_file(path, device=str(self.device))
+            if into is not None:
+                into.load_state_dict(tensors)
+            return tensors
+        except Exception as e:  # safetensors raises its own error type; torch a RuntimeError
+            raise TrainingError(f"{path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
     def load_checkpoint(self, ckpt: Path) -> None:
         state = self._read_state(ckpt)
-        self._check_arch(ckpt, state["drift_arch"], drift_arch(self.cfg), "drift net")
-        self._check_arch(ckpt, state["potential_arch"], potential_arch(self.cfg), "potential net")
-        self.drift.load_state_dict(load_file(ckpt / "drift.safetensors", device=str(self.device)))
-        self.potential.load_state_dict(load_file(ckpt / "potential.safetensors", device=str(self.device)))
-        self.ema.load_state_dict(load_file(ckpt / "ema.safetensors", device=str(self.device)))
-        opt = load_file(ckpt / "optim.safetensors", device=str(self.device))
-        _load_optim(self.opt_f, "drift", opt, state["optim_groups"]["drift"])
-        _load_optim(self.opt_v, "potential", opt, state["optim_groups"]["potential"])
-        self.step, self.nonfinite = state["step"], state["nonfinite"]
+        try:
+            self._check_arch(ckpt, state["drift_arch"], drift_arch(self.cfg), "drift net")
+            self._check_arch(ckpt, state["potential_arch"], potential_arch(self.cfg), "potential net")
+            self._load_tensors(ckpt / "drift.safetensors", self.drift)
+            self._load_tensors(ckpt / "potential.safetensors", self.potential)
+            self._load_tensors(ckpt / "ema.safetensors", self.ema)
+            opt = self._load_tensors(ckpt / "optim.safetensors")
+            _load_optim(self.opt_f, "drift", opt, state["optim_groups"]["drift"])
+            _load_optim(self.opt_v, "potential", opt, state["optim_groups"]["potential"])
+            self.step, self.nonfinite = state["step"], state["nonfinite"]
+        except (KeyError, TypeError, ValueError) as e:  # a state.json or optimiser state that does not fit
+            raise TrainingError(f"{ckpt}: damaged checkpoint ({type(e).__name__}: {e}); "
+                                "delete it to resume from the one before") from None
 
     def init_from(self, source: str) -> None:
         """Fine-tuning start: weights (drift, EMA and, from a checkpoint dir, V_φ); fresh optimisers, step 0."""
         src = Path(source)
         if src.is_dir() and (src / "checkpoints").is_dir():  # a run directory: its latest checkpoint
-            ckpts = sorted(p for p in (src / "checkpoints").iterdir() if (p / "state.json").exists())
+            ckpts = checkpoints(src)
             if not ckpts:
                 raise TrainingError(f"train.init_from={source!r}: the run has no complete checkpoint")
             src = ckpts[-1]
         if src.is_dir():
             state = self._read_state(src)
-            self._check_arch(src, state["drift_arch"], drift_arch(self.cfg), "drift net")
-            self.drift.load_state_dict(load_file(src / "drift.safetensors", device=str(self.device)))
-            self.ema.load_state_dict(load_file(src / "ema.safetensors", device=str(self.device)))
-            if state["potential_arch"] == potential_arch(self.cfg):
-                self.potential.load_state_dict(load_file(src / "potential.safetensors", device=str(self.device)))
+            self._check_arch(src, state.get("drift_arch", {}), drift_arch(self.cfg), "drift net")
+            self._load_tensors(src / "drift.safetensors", self.drift)
+            self._load_tensors(src / "ema.safetensors", self.ema)
+            if state.get("potential_arch") == potential_arch(self.cfg):
+                self._load_tensors(src / "potential.safetensors", self.potential)
         elif src.suffix == ".safetensors" and src.exists():
             from .sampler import load_drift
             net, meta = load_drift(src, device=self.device)
@@ -326,14 +360,14 @@ class Trainer:
 
         # V_φ first, for every micro-batch (paper Eq. 10); its sg-scores weight the whole batch.
         self.opt_v.zero_grad(set_to_none=True)
-        v_pos, v_neg, loss_v = [], [], 0.0
+        v_pos, v_neg, loss_v = [], [], torch.zeros((), device=self.device)
         for c in chunks:
             with self._autocast():
                 vp = self.potential(x_pos[c], t[c]).float()
                 vn = self.potential(x_neg[c], t[c]).float()
             lv = bridge.potential_hinge_loss(vp, vn, cfg.potential.margin) * (vp.shape[0] / x1.shape[0])
             lv.backward()
-            loss_v += lv.item()
+            loss_v += lv.detach()
             v_pos.append(vp.detach())
             v_neg.append(vn.detach())
         v_pos, v_neg = torch.cat(v_pos), torch.cat(v_neg)
@@ -341,7 +375,7 @@ class Trainer:
 
         # f_θ: importance-weighted bridge matching (paper Eq. 13); L_f never reaches φ.
         self.opt_f.zero_grad(set_to_none=True)
-        loss_f, per_sample, weights = 0.0, [], []
+        loss_f, per_sample, weights = torch.zeros((), device=self.device), [], []
         for c in chunks:
             with self._autocast():
                 pred = self.drift(x_pos[c], t[c])
@@ -351,18 +385,17 @@ class Trainer:
                 tau=cfg.weights.tau, clip=cfg.weights.clip, v_offset=self.rank * self.per_rank_batch + c.start,
                 normalizer=self.per_rank_batch)
             out.loss.backward()
-            loss_f += out.loss.item()
+            loss_f += out.loss.detach()
             per_sample.append(out.per_sample)
             weights.append(out.weights)
         per_sample, weights = torch.cat(per_sample), torch.cat(weights)
 
-        finite = math.isfinite(loss_f) and math.isfinite(loss_v)
-        gn_f = gn_v = float("nan")
-        if finite:
-            clip = cfg.optim.grad_clip or float("inf")
-            gn_f = float(torch.nn.utils.clip_grad_norm_(self.drift.parameters(), clip))
-            gn_v = float(torch.nn.utils.clip_grad_norm_(self.potential.parameters(), clip))
-            finite = math.isfinite(gn_f) and math.isfinite(gn_v)
+        clip = cfg.optim.grad_clip or float("inf")
+        gn_f = torch.nn.utils.clip_grad_norm_(self.drift.parameters(), clip)
+        gn_v = torch.nn.utils.clip_grad_norm_(self.potential.parameters(), clip)
+        row = self._diagnostics(step, loss_f, loss_v, gn_f, gn_v, t, v_pos, v_neg, weights, per_sample)
+        finite = all(math.isfinite(row[k]) for k in ("loss_f", "loss_v", "grad_norm_f", "grad_norm_v"))
+        row["finite"] = finite
         if finite:
             f = lr_factor(step, cfg)
             for g in self.opt_f.param_groups:
@@ -373,25 +406,29 @@ class Trainer:
             self.opt_v.step()
             beta = ema_beta(cfg)
             with torch.no_grad():
-                for pe, p in zip(self.ema.parameters(), self.drift.parameters()):
-                    pe.lerp_(p.detach(), 1 - beta)
+                torch._foreach_lerp_(list(self.ema.parameters()), list(self.drift.parameters()), 1 - beta)
                 for be, b in zip(self.ema.buffers(), self.drift.buffers()):
                     be.copy_(b)
         else:
             self.opt_f.zero_grad(set_to_none=True)
             self.opt_v.zero_grad(set_to_none=True)
-        return self._diagnostics(step, loss_f, loss_v, gn_f, gn_v, t, v_pos, v_neg, weights, per_sample, finite)
+        return row
 
-    def _diagnostics(self, step, loss_f, loss_v, gn_f, gn_v, t, v_pos, v_neg, w, per_sample, finite) -> dict:
-        margin = self.cfg.potential.margin
+    def _diagnostics(self, step, loss_f, loss_v, gn_f, gn_v, t, v_pos, v_neg, w, per_sample) -> dict:
+        """The step's metrics (DESIGN.md §1 "Diagnostics"), read from the device in one transfer."""
         bins = torch.clamp((t * T_BINS).long(), max=T_BINS - 1)
-        w_bin = [float(w[bins == k].mean()) if bool((bins == k).any()) else None for k in range(T_BINS)]
-        return {"step": step, "loss_f": loss_f, "loss_v": loss_v, "finite": finite,
-                "ess": bridge.effective_sample_size(w), "w_min": float(w.min()), "w_max": float(w.max()),
-                "w_per_t_bin": w_bin, "v_gap": float((v_neg - v_pos).mean()),
-                "hinge_active": float((margin + v_pos - v_neg > 0).float().mean()),
-                "mse_unweighted": float(per_sample.mean()), "grad_norm_f": gn_f, "grad_norm_v": gn_v,
-                "lr": self.cfg.optim.lr * lr_factor(step, self.cfg)}
+        in_bin = bins[None, :] == torch.arange(T_BINS, device=t.device)[:, None]
+        w_bin = (in_bin * w).sum(1) / in_bin.sum(1)  # NaN for an empty bin
+        scalars = [loss_f, loss_v, gn_f, gn_v, bridge.effective_sample_size(w), w.min(), w.max(),
+                   (v_neg - v_pos).mean(), (self.cfg.potential.margin + v_pos - v_neg > 0).float().mean(),
+                   per_sample.mean()]
+        values = torch.cat([torch.stack([s.float() for s in scalars]), w_bin.float()]).tolist()
+        names = ("loss_f", "loss_v", "grad_norm_f", "grad_norm_v", "ess", "w_min", "w_max", "v_gap",
+                 "hinge_active", "mse_unweighted")
+        row = {"step": step, **dict(zip(names, values))}
+        row["w_per_t_bin"] = [None if math.isnan(x) else x for x in values[len(names):]]
+        row["lr"] = self.cfg.optim.lr * lr_factor(step, self.cfg)
+        return row
 
     # ------------------------------------------------------------------ the loop
     def _on_signal(self, signum, frame):

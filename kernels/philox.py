@@ -147,7 +147,7 @@ def _noise_sum_kernel(sample_index_ptr, partial_ptr, n_per_sample, seed_lo, seed
 
 def split_seed(seed: int) -> tuple[int, int]:
     """The two uint32 key words of a 64-bit seed (as agm_fast.rng; same error for bad seeds)."""
-    return rng._split_seed(seed)
+    return rng.split_seed(seed)
 
 
 def launch_config(device: torch.device, n_per_sample: int, interpreted: bool) -> tuple[int, int]:
