@@ -99,7 +99,7 @@ class TrainConfig:
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     run_dir: str = "runs/default"      # checkpoints, logs, plots, samples
     log_every: int = 10                # steps between console / metrics.jsonl lines
-    sample_every: int = 500            # steps between sample grids (0 = off)
+    sample_every: int = 500            # steps between sample grids, plus one at the end (0 = off)
     sample_grid: int = 64              # images in each grid
     eval_images: int = 256             # images for the end-of-run quality number (0 = off)
     ckpt_every: int = 500              # steps between checkpoints (0 = only at the end)

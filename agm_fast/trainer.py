@@ -482,7 +482,8 @@ class Trainer:
             if self.stop_signal:
                 log.warning("%s received: checkpoint %s written at step %d; exiting", self.stop_signal, ckpt, self.step)
             else:
-                self.write_samples()
+                if t.sample_every:  # the final grid (sample_every=0 turns grids off)
+                    self.write_samples()
                 self.write_plot()
                 self.evaluate(row)
         finally:

@@ -2,6 +2,7 @@
 after SIGKILL, SIGTERM, the non-finite guard, stop-gradient, bad input."""
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -31,7 +32,8 @@ def read_metrics(run_dir) -> list[dict]:
 
 
 def test_training_drives_the_drift_loss_down(tmp_path):
-    cfg = tiny(tmp_path, "train.steps=80", "bridge.sigma=0", "optim.lr=3e-3", "data.num_images=8")
+    cfg = tiny(tmp_path, "train.steps=80", "bridge.sigma=0", "optim.lr=3e-3", "data.num_images=8",
+               "train.sample_every=40")
     Trainer(cfg).run()
     rows = read_metrics(cfg.train.run_dir)
     assert [r["step"] for r in rows] == list(range(80))
@@ -235,3 +237,24 @@ def test_cli_sample_and_info(tmp_path, capsys):
     assert main(["info", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "train.kernels" in text and "sample.em" in text and "model.attention" in text
+
+
+def test_damaged_checkpoint_and_half_written_save(tmp_path):
+    cfg = tiny(tmp_path, "train.steps=2")
+    Trainer(cfg).run()
+    ckpt = Trainer(cfg).latest_checkpoint()
+    # a save killed before its rename is never taken, neither to resume nor to fine-tune from
+    shutil.copytree(ckpt, ckpt.with_name("ckpt-99999999.tmp"))
+    assert Trainer(cfg).latest_checkpoint() == ckpt
+    ft = Trainer(tiny(tmp_path, "train.steps=1", f"train.init_from={cfg.train.run_dir}", name="ft"))
+    assert ft.step == 0
+    (ckpt / "drift.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(TrainingError, match=r"drift.safetensors: cannot be loaded"):
+        Trainer(cfg)
+
+
+def test_sampling_grid_outside_the_trained_range_fails_before_training(tmp_path):
+    from agm_fast.config import ConfigError
+    with pytest.raises(ConfigError, match=r"t_min=0.1.*train.sample_every=0"):
+        Trainer(tiny(tmp_path, "train.steps=2", "bridge.t_min=0.1", "train.sample_every=1"))
+    Trainer(tiny(tmp_path, "train.steps=1", "bridge.t_min=0.1", name="nosample")).run()  # no sampling: fine
