@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from .files import atomic_write
 
 
 def _smooth(y: list[float], k: int) -> list[float]:
@@ -45,8 +46,7 @@ def plot_metrics(metrics_path: Path, out_path: Path) -> Path | None:
     a2.plot(steps, _smooth([r["hinge_active"] for r in rows], k), color="tab:red", lw=1)
     a2.set_ylabel("active hinge fraction", color="tab:red")
     fig.tight_layout()
-    tmp = Path(out_path).with_name(Path(out_path).stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, out_path)
-    return Path(out_path)
+    try:
+        return atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    finally:
+        plt.close(fig)

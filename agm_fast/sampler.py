@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from . import bridge, dispatch, ext, rng
+from .files import atomic_write
 
 EM_CHOICES = ("auto", "torch", "ext")
 FORMAT = "agm_fast.drift.v1"
@@ -247,15 +247,6 @@ class _StepGraph:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _atomic_target(path) -> tuple[str, str]:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    os.close(fd)
-    return path, tmp
-
-
 def save_drift(path, state_dict: dict, drift_arch: dict, *, predicts: str, sigma: float, t_min: float,
                t_eps: float, config: dict, step: int) -> None:
     """Write EMA drift weights + metadata (format agm_fast.drift.v1) as safetensors, atomically."""
@@ -268,13 +259,7 @@ def save_drift(path, state_dict: dict, drift_arch: dict, *, predicts: str, sigma
     meta = {"format": FORMAT, "drift_arch": json.dumps(drift_arch, sort_keys=True), "predicts": predicts,
             "sigma": repr(float(sigma)), "t_min": repr(float(t_min)), "t_eps": repr(float(t_eps)),
             "config": json.dumps(config, sort_keys=True), "step": str(int(step))}
-    path, tmp = _atomic_target(path)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read_drift_meta(path) -> dict:
@@ -439,23 +424,13 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int 
         y, x = padding + r * (h + padding), padding + q * (w + padding)
         grid[y:y + h, x:x + w] = arr[i]
     img = Image.fromarray(grid[:, :, 0] if c == 1 else grid)  # uint8 2-D → "L", H×W×3 → "RGB"
-    path, tmp = _atomic_target(path)
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def save_npz(images: torch.Tensor, path) -> None:
     """images in [-1, 1] → uint8 NHWC array under the key 'arr_0' (what FID tools read), atomically."""
     arr = to_uint8(images)
-    path, tmp = _atomic_target(path)
-    try:
-        with open(tmp, "wb") as f:
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a bare name
             np.savez(f, arr_0=arr)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, write)

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from . import bridge, config as config_mod, dispatch
 from .config import Config, ConfigError
+from .files import atomic_write, atomic_write_text
 
 log = logging.getLogger("agm_fast")
 
@@ -64,11 +65,6 @@ def package_versions() -> dict:
     v["agm_fast"] = __version__
     return v
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def drift_arch(cfg: Config) -> dict:
@@ -513,7 +509,7 @@ class Trainer:
         out = self.run_dir / "samples" / f"samples-{self.step:08d}.png"
         out.parent.mkdir(exist_ok=True)
         save_grid(images, out)
-        shutil.copyfile(out, self.run_dir / "samples.png")
+        atomic_write(self.run_dir / "samples.png", lambda tmp: shutil.copyfile(out, tmp))
         return out
 
     def evaluate(self, last: dict) -> dict:
