@@ -12,11 +12,14 @@ from typing import NamedTuple
 import torch
 
 from . import rng
+from .config import check_choice
 
-PREDICTS = ("drift", "x1")
-SCHEMES = ("softmax", "uniform")
-FAVOURS = ("coherent", "degenerate")
-NEGATIVES = ("pixel_shuffle", "patch_shuffle", "noise")
+
+def check_sigma(sigma) -> float:
+    """σ of the bridge as a float: finite and ≥ 0 (σ = 0: deterministic bridge / probability-flow ODE)."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"sigma must be a finite float >= 0, got {sigma!r}")
+    return float(sigma)
 
 
 def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -59,11 +62,9 @@ def drift_target(x1: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: torch
 def drift_from_prediction(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                           predicts: str) -> torch.Tensor:
     """The drift implied by the network output: itself, or (x̂1 - x_t)/(1 - t) for predicts=x1."""
-    if predicts == "drift":
+    if check_choice("model.predicts", predicts) == "drift":
         return pred
-    if predicts == "x1":
-        return (pred - x_t) / (1 - _bcast(t, x_t))
-    raise ValueError(f"predicts must be one of {PREDICTS}, got {predicts!r}")
+    return (pred - x_t) / (1 - _bcast(t, x_t))
 
 
 # ----------------------------------------------------------------------------- the potential
@@ -77,6 +78,7 @@ def negatives(x1: torch.Tensor, kind: str, seed: int, step: int, sample_index,
     patch_shuffle: the same on non-overlapping patch×patch tiles (a remainder strip stays).
     noise: Gaussian noise with each image's per-channel mean and std.
     """
+    check_choice("potential.negatives", kind)
     b, c, h, w = x1.shape
     if kind == "pixel_shuffle":
         u = rng.uniform(seed, step, sample_index, rng.Stream.NEGATIVES, x1.device, numel=h * w)
@@ -97,13 +99,12 @@ def negatives(x1: torch.Tensor, kind: str, seed: int, step: int, sample_index,
         out = x1.clone()
         out[:, :, : ph * patch, : pw * patch] = core.reshape(b, c, ph * patch, pw * patch)
         return out
-    if kind == "noise":
-        z = rng.normal_like(tuple(x1.shape), seed, step, sample_index, rng.Stream.NEGATIVES,
-                            x1.device).to(x1.dtype)
-        mean = x1.mean(dim=(2, 3), keepdim=True)
-        std = x1.std(dim=(2, 3), keepdim=True, unbiased=False)
-        return mean + std * z
-    raise ValueError(f"potential.negatives must be one of {NEGATIVES}, got {kind!r}")
+    # kind == "noise"
+    z = rng.normal_like(tuple(x1.shape), seed, step, sample_index, rng.Stream.NEGATIVES,
+                        x1.device).to(x1.dtype)
+    mean = x1.mean(dim=(2, 3), keepdim=True)
+    std = x1.std(dim=(2, 3), keepdim=True, unbiased=False)
+    return mean + std * z
 
 
 def potential_hinge_loss(v_pos: torch.Tensor, v_neg: torch.Tensor, margin: float) -> torch.Tensor:
@@ -119,14 +120,12 @@ def importance_weights(v: torch.Tensor, scheme: str = "softmax", favour: str = "
     w = B·softmax(∓s/τ): − favours coherent (low-V) bridges, + degenerate ones (focal-style).
     max/min ≤ e^(2c/τ). clip = inf turns clipping off. scheme=uniform gives w ≡ 1.
     """
+    check_choice("weights.scheme", scheme)
+    check_choice("weights.favour", favour)
     v = v.detach().to(torch.float32).reshape(-1)
     b = v.numel()
     if scheme == "uniform":
         return torch.ones_like(v)
-    if scheme != "softmax":
-        raise ValueError(f"weights.scheme must be one of {SCHEMES}, got {scheme!r}")
-    if favour not in FAVOURS:
-        raise ValueError(f"weights.favour must be one of {FAVOURS}, got {favour!r}")
     centred = v - v.mean()
     std = centred.square().mean().sqrt()
     if b == 1 or not bool(std > 0):
@@ -164,6 +163,7 @@ def weighted_bridge_loss(pred: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, 
     stores them. normalizer defaults to B (a plain weighted mean over the chunk); the trainer
     passes its per-rank batch size so that micro-batch losses add up to the batch mean.
     """
+    check_choice("model.predicts", predicts)
     b = pred.shape[0]
     w_all = importance_weights(v, scheme, favour, tau, clip)
     w = w_all[v_offset: v_offset + b].to(pred.device)
@@ -171,10 +171,8 @@ def weighted_bridge_loss(pred: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, 
         x0, eps = draw_bridge_noise(seed, step, sample_index, x1.shape, x1.device)
         dt = torch.float64 if x1.dtype == torch.float64 else torch.float32
         target = drift_target(x1.to(dt), x0.to(dt), eps.to(dt), t.to(dt), sigma)
-    elif predicts == "x1":
+    else:  # x1
         target = x1
-    else:
-        raise ValueError(f"model.predicts must be one of {PREDICTS}, got {predicts!r}")
     loss, per_sample = weighted_mse(pred, target, w, float(b if normalizer is None else normalizer))
     return LossOutput(loss, per_sample, w)
 

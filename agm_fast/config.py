@@ -151,6 +151,20 @@ CHOICES = {
     "sample.em": ("auto", "torch", "ext"),
 }
 
+
+
+def check_choice(key: str, value) -> str:
+    """value if it is one of CHOICES[key], else a ConfigError naming the field and what is allowed.
+
+    The one check every module uses for its choice-valued arguments, so the allowed values live
+    only in CHOICES.
+    """
+    allowed = CHOICES[key]
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+    return value
+
+
 # (low, high, low inclusive, high inclusive); None = unbounded on that side
 RANGES = {
     "data.resolution": (4, 4096, True, True), "data.channels": (1, 4, True, True),
@@ -332,10 +346,8 @@ def _get(cfg: Config, key: str):
 
 
 def validate(cfg: Config) -> None:
-    for key, allowed in CHOICES.items():
-        v = _get(cfg, key)
-        if v not in allowed:
-            raise ConfigError(f"{key}={v!r} is not allowed; choose one of: {', '.join(allowed)}")
+    for key in CHOICES:
+        check_choice(key, _get(cfg, key))
     for key, (lo, hi, lo_inc, hi_inc) in RANGES.items():
         v = _get(cfg, key)
         if isinstance(v, float) and math.isnan(v):

@@ -29,13 +29,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import rng
+from .config import check_choice
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff",
                     ".ppm", ".pgm", ".pbm", ".pnm")
-DATASET_KINDS = ("shapes", "folder")
-LOADERS = ("auto", "torch", "dali")
 
 # Within rng.Stream.DATA the step word separates uses: 0 = flips (keyed by global sample index),
 # SHAPES_STEP = the shape parameters of ShapesDataset (keyed by dataset index).
@@ -302,15 +301,13 @@ def make_dataset(kind: str, *, path=None, resolution: int, channels: int,
                  num_images: int | None = None, seed: int = 0) -> Dataset:
     """'shapes' → ShapesDataset(num_images, …); 'folder' → ImageFolderDataset(path, …),
     where num_images (if given) keeps only the first readable files."""
-    if kind == "shapes":
+    if check_choice("data.dataset", kind) == "shapes":
         if num_images is None:
             raise ValueError("num_images is required for kind='shapes' (how many images)")
         return ShapesDataset(num_images, resolution=resolution, channels=channels, seed=seed)
-    if kind == "folder":
-        if path is None or str(path) == "":
-            raise ValueError("path is required for kind='folder' (a folder of images)")
-        return ImageFolderDataset(path, resolution, channels=channels, max_images=num_images)
-    raise ValueError(f"dataset kind must be one of {DATASET_KINDS}, got {kind!r}")
+    if path is None or str(path) == "":
+        raise ValueError("path is required for kind='folder' (a folder of images)")
+    return ImageFolderDataset(path, resolution, channels=channels, max_images=num_images)
 
 
 # ----------------------------------------------------------------------------- order
@@ -411,10 +408,8 @@ class BatchLoader:
     def __init__(self, dataset, *, batch_size: int, global_batch: int, rank_offset: int = 0,
                  seed: int, start_step: int = 0, hflip: bool = False, workers: int = 0,
                  device="cpu", pin_memory: bool = False, loader: str = "auto"):
-        if loader == "dali":
+        if check_choice("data.loader", loader) == "dali":
             raise ValueError("DALI loader not implemented yet: use loader='torch' or 'auto'")
-        if loader not in LOADERS:
-            raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.global_batch = _check_int("global_batch", global_batch, 1)
         self.rank_offset = _check_int("rank_offset", rank_offset, 0)

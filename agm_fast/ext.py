@@ -24,6 +24,7 @@ import math
 import torch
 
 from . import rng
+from .bridge import check_sigma
 
 _C = None
 _IMPORT_ERROR: str | None = None
@@ -96,11 +97,6 @@ def _check_x_drift(x: torch.Tensor, drift: torch.Tensor, dt: float) -> None:
         raise ValueError(f"em_step: dt must be a finite positive float; got {dt!r}")
 
 
-def _check_sigma(sigma: float) -> None:
-    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"em_step: sigma must be a finite float ≥ 0; got {sigma!r}")
-
-
 def image_index_tensor(image_index, batch: int, device: torch.device) -> torch.Tensor:
     """int base b0 → arange(b0, b0 + B); an int64 tensor [B] is checked and passed through."""
     if isinstance(image_index, bool):
@@ -124,9 +120,7 @@ def step_tensor(step, device: torch.device) -> torch.Tensor:
     if isinstance(step, bool):
         raise TypeError("em_step: step must be an int or an int64 tensor with one element, not a bool")
     if isinstance(step, int):
-        if not 0 <= step <= rng.MASK32:
-            raise ValueError(f"em_step: step must lie in [0, 2**32); got {step}")
-        return torch.tensor([step], dtype=torch.int64, device=device)
+        return torch.tensor([rng.check_step(step)], dtype=torch.int64, device=device)
     if not isinstance(step, torch.Tensor) or step.dtype != torch.int64 or step.numel() != 1:
         raise TypeError("em_step: step must be an int or an int64 tensor with one element")
     if step.device != device:
@@ -151,7 +145,7 @@ def em_step_(x: torch.Tensor, drift: torch.Tensor, *, dt: float, sigma: float, s
              image_index) -> torch.Tensor:
     """x ← x + drift·dt + σ·sqrt(dt)·z in place, z = rng.normal(seed, step, image_index, ·, Stream.EM)."""
     _check_x_drift(x, drift, dt)
-    _check_sigma(sigma)
+    check_sigma(sigma)
     _require(x.device)
     lo, hi = rng.split_seed(seed)
     idx = image_index_tensor(image_index, x.shape[0], x.device)
@@ -162,7 +156,7 @@ def em_step_(x: torch.Tensor, drift: torch.Tensor, *, dt: float, sigma: float, s
 def em_step_z_(x: torch.Tensor, drift: torch.Tensor, z: torch.Tensor, *, dt: float, sigma: float) -> torch.Tensor:
     """x ← x + drift·dt + σ·sqrt(dt)·z in place with z given (fp32 arithmetic; z is read as fp32)."""
     _check_x_drift(x, drift, dt)
-    _check_sigma(sigma)
+    check_sigma(sigma)
     if not isinstance(z, torch.Tensor) or z.shape != x.shape or z.device != x.device:
         raise ValueError(f"em_step_z: z must be a tensor of x's shape {tuple(x.shape)} on {x.device}")
     _require(x.device)

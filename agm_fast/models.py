@@ -30,11 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import CHOICES, check_choice
+
 logger = logging.getLogger("agm_fast")
 
-ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
-TIME_INJECTIONS = ("scale_shift", "add")
-TIME_INPUTS = ("channel", "film")
+ATTENTION_BACKENDS = CHOICES["model.attention"]
 TIME_SCALE = 1000.0  # t ∈ [0, 1] is scaled before the sinusoids so low frequencies still vary over [0, 1]
 
 
@@ -55,11 +55,6 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     args = (t.float() * TIME_SCALE)[:, None] * freqs[None, :]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     return F.pad(emb, (0, dim - 2 * half))  # odd dim: one zero column
-
-
-def _check_choice(name: str, value, allowed) -> None:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
 
 
 def _check_t(t, x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +124,7 @@ def resolve_attention(requested: str, device) -> tuple[str, str]:
 
     auto → 'xformers' when on CUDA and xformers.ops imports and runs, else 'sdpa'. An explicit
     backend that cannot run raises ValueError (no silent fallback)."""
-    _check_choice("model.attention", requested, ATTENTION_BACKENDS)
+    check_choice("model.attention", requested)
     device = torch.device(device)
     allowed = ", ".join(repr(a) for a in ATTENTION_BACKENDS)
     if requested == "math":
@@ -243,8 +238,8 @@ class DriftUNet(nn.Module):
         time_injection: str = "add",     # 'add': GN(h) + e(t) | 'scale_shift' (ADM): GN(h)·(1 + s(t)) + b(t)
     ):
         super().__init__()
-        _check_choice("model.attention", attention, ATTENTION_BACKENDS)
-        _check_choice("model.time_injection", time_injection, TIME_INJECTIONS)
+        check_choice("model.attention", attention)
+        check_choice("model.time_injection", time_injection)
         channel_mult, attn_resolutions = tuple(int(m) for m in channel_mult), tuple(int(r) for r in attn_resolutions)
         for name, value in dict(in_channels=in_channels, resolution=resolution, channels=channels,
                                 num_blocks=num_blocks, num_heads=num_heads).items():
@@ -367,7 +362,7 @@ class PotentialNet(nn.Module):
         film_dim: int = 32,              # sinusoidal embedding width feeding FiLM ('film' only)
     ):
         super().__init__()
-        _check_choice("potential.time_input", time_input, TIME_INPUTS)
+        check_choice("potential.time_input", time_input)
         channels = tuple(int(c) for c in channels)
         if not channels or min(channels) < 1:
             raise ValueError(f"potential.channels must be a non-empty list of positive ints; got {channels!r}")

@@ -49,6 +49,13 @@ def split_seed(seed: int) -> tuple[int, int]:
     return seed & MASK32, (seed >> 32) & MASK32
 
 
+def check_step(step: int) -> int:
+    """A step word (training step or EM step index k): an integer in [0, 2³²)."""
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MASK32:
+        raise ValueError(f"step must be an integer in [0, 2**32), got {step!r}")
+    return step
+
+
 def _mulhilo(m: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # int64 multiply of two 32-bit values is exact (< 2⁶⁴ wraps only in sign, not in bits)
     p = x * m

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from . import bridge, dispatch, ext, rng
+from .config import CHOICES, check_choice
 from .files import atomic_write
 
-EM_CHOICES = ("auto", "torch", "ext")
 FORMAT = "agm_fast.drift.v1"
 META_KEYS = ("format", "drift_arch", "predicts", "sigma", "t_min", "t_eps", "config", "step")
 DEFAULT_STEPS = 200  # the paper's setting
@@ -59,9 +59,7 @@ def em_step(x: torch.Tensor, drift: torch.Tensor, *, dt: float, sigma: float, se
     image_index: int b0 (row b has global index b0 + b) or an int64 tensor [B] on x's device.
     impl: 'torch' (reference), 'ext' (agm_fast._C; an error if it cannot run), 'auto'.
     """
-    if impl not in EM_CHOICES:
-        raise ValueError(f"sample.em must be one of {EM_CHOICES}; got {impl!r}")
-    impl, _ = dispatch.resolve("sample.em", impl, x.device)
+    impl, _ = dispatch.resolve("sample.em", check_choice("sample.em", impl), x.device)
     return _em_step_resolved(impl, x, drift, dt=dt, sigma=sigma, seed=seed, step=step, image_index=image_index,
                              last=last)
 
@@ -121,10 +119,8 @@ def _check_sample_args(n, shape, sigma, predicts, seed, batch_size, first_index)
     if (not isinstance(shape, (tuple, list)) or len(shape) != 3
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
         raise ValueError(f"shape must be (C, H, W) of positive ints; got {shape!r}")
-    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"sigma must be a finite float ≥ 0; got {sigma!r}")
-    if predicts not in bridge.PREDICTS:
-        raise ValueError(f"predicts must be one of {bridge.PREDICTS}; got {predicts!r}")
+    bridge.check_sigma(sigma)
+    check_choice("model.predicts", predicts)
     rng.split_seed(seed)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"sample.batch_size must be an integer ≥ 1; got {batch_size!r}")
@@ -148,8 +144,7 @@ def sample(drift_fn, *, n: int, shape, steps: int = DEFAULT_STEPS, sigma: float,
     memory that each replay advances) and replay it N−1 times; the noiseless last step runs eagerly.
     """
     shape = _check_sample_args(n, shape, sigma, predicts, seed, batch_size, first_index)
-    if em not in EM_CHOICES:
-        raise ValueError(f"sample.em must be one of {EM_CHOICES}; got {em!r}")
+    check_choice("sample.em", em)
     time_grid(steps, t_min, t_eps)  # validates steps and the trained range
     device = dispatch.resolve_device(device)
     impl, _ = dispatch.resolve("sample.em", em, device)
@@ -202,7 +197,12 @@ def _run_eager(net, x, idx, steps, dt, sigma, seed, predicts, autocast, impl) ->
 
 
 class _StepGraph:
-    """One captured EM step on static buffers, replayed N−1 times per batch (then an eager last step)."""
+    """One EM step on static buffers, replayed N−1 times per batch (then an eager last step).
+
+    On CUDA the step is captured once as a CUDA graph; elsewhere the same step on the same
+    buffers runs eagerly, so the buffer logic (padding, t and the Philox step advanced in device
+    memory) is tested on the CPU against the eager loop.
+    """
 
     def __init__(self, net, shape, steps, dt, sigma, seed, predicts, autocast, device):
         self.net, self.steps, self.dt, self.sigma, self.seed = net, steps, dt, sigma, seed
@@ -211,6 +211,11 @@ class _StepGraph:
         self.x = torch.zeros(shape, dtype=torch.float32, device=device)
         self.idx = torch.arange(self.batch, dtype=torch.int64, device=device)
         self.step = torch.zeros(1, dtype=torch.int64, device=device)
+        self.graph = None
+        if device.type == "cuda":
+            self._capture(device)
+
+    def _capture(self, device):
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up off the capture (lazy init, cuDNN plans, compilation)
@@ -239,7 +244,10 @@ class _StepGraph:
         self.idx.copy_(idx)
         self.step.zero_()
         for _ in range(self.steps - 1):
-            self.graph.replay()
+            if self.graph is None:
+                self._body()
+            else:
+                self.graph.replay()
         drift = _drift(self.net, self.x, self._t(), self.predicts, self.autocast)
         ext.em_step_last_(self.x, drift, dt=self.dt)
         return self.x[:b].clone()
@@ -251,8 +259,7 @@ def save_drift(path, state_dict: dict, drift_arch: dict, *, predicts: str, sigma
                t_eps: float, config: dict, step: int) -> None:
     """Write EMA drift weights + metadata (format agm_fast.drift.v1) as safetensors, atomically."""
     from safetensors.torch import save_file
-    if predicts not in bridge.PREDICTS:
-        raise ValueError(f"predicts must be one of {bridge.PREDICTS}; got {predicts!r}")
+    check_choice("model.predicts", predicts)
     if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError("state_dict must be a non-empty mapping of names to tensors (the EMA drift weights)")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
@@ -293,8 +300,8 @@ def read_drift_meta(path) -> dict:
         raise ValueError(f"{path}: unreadable drift checkpoint metadata ({err})") from None
     if not isinstance(meta["drift_arch"], dict) or not isinstance(meta["config"], dict):
         raise ValueError(f"{path}: drift_arch and config metadata must be JSON objects")
-    if meta["predicts"] not in bridge.PREDICTS:
-        raise ValueError(f"{path}: predicts={meta['predicts']!r} is not one of {bridge.PREDICTS}")
+    if meta["predicts"] not in CHOICES["model.predicts"]:
+        raise ValueError(f"{path}: predicts={meta['predicts']!r} is not one of {CHOICES['model.predicts']}")
     return meta
 
 
@@ -316,8 +323,13 @@ def checkpoint_image_shape(meta: dict) -> tuple[int, int, int]:
 
 def load_drift(path, device="cpu") -> tuple[nn.Module, dict]:
     """(EMA drift net in eval mode on device, parsed metadata). V_φ is never loaded."""
-    from safetensors.torch import load_file
     meta = read_drift_meta(path)
+    return _build_drift(path, meta, device), meta
+
+
+def _build_drift(path, meta: dict, device) -> nn.Module:
+    """The drift net of drift_arch with the checkpoint's EMA weights (meta from read_drift_meta)."""
+    from safetensors.torch import load_file
     try:
         net = build_drift_net(meta["drift_arch"])
     except (TypeError, ValueError) as err:
@@ -339,8 +351,7 @@ def load_drift(path, device="cpu") -> tuple[nn.Module, dict]:
         raise ValueError(f"{path}: the EMA weights do not fit the drift net built from drift_arch: "
                          + "; ".join(parts))
     net.load_state_dict(weights)
-    net = net.to(dispatch.resolve_device(device)).eval().requires_grad_(False)
-    return net, meta
+    return net.to(dispatch.resolve_device(device)).eval().requires_grad_(False)
 
 
 def sample_from_checkpoint(path, *, n: int, steps: int | None = None, sigma: float | None = None, seed: int = 0,
@@ -368,7 +379,7 @@ def sample_from_checkpoint(path, *, n: int, steps: int | None = None, sigma: flo
     for out, suffix in ((out_png, ".png"), (out_npz, ".npz")):  # before hours of sampling, not after
         if out is not None:
             _check_output_path(out, suffix)
-    net, meta = load_drift(path, device)
+    net = _build_drift(path, meta, device)
     images = sample(net, n=n, shape=ckpt_shape, steps=steps, sigma=meta["sigma"], predicts=meta["predicts"],
                     t_min=meta["t_min"], t_eps=meta["t_eps"], seed=seed, em=em, batch_size=batch_size,
                     device=device, bf16=bf16, compile=compile, cuda_graph=cuda_graph, progress=progress,

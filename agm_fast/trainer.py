@@ -431,14 +431,14 @@ class Trainer:
         self.stop_signal = signal.Signals(signum).name
 
     def run(self) -> dict:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         metrics_f = open(self.run_dir / "metrics.jsonl", "a")
         bar = None
         if t.progress:
             from tqdm import tqdm
             bar = tqdm(total=t.steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr)
-        last_t, last_step = time.perf_counter(), self.step
+        last_t = time.perf_counter()
         row = {}
         try:
             it = iter(self.loader)

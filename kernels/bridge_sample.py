@@ -16,6 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from agm_fast import rng
+from agm_fast.bridge import check_sigma
+
 from . import philox
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -127,20 +130,6 @@ def prepare_sample_index(sample_index, b: int, device: torch.device) -> torch.Te
     return idx.to(device=device, dtype=torch.int64).contiguous()
 
 
-def check_seed_step(seed, step) -> tuple[int, int]:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**32:
-        raise ValueError(f"step must be an integer in [0, 2**32), got {step!r}")
-    return philox.split_seed(seed)
-
-
-def check_sigma(sigma) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
-        raise ValueError(f"sigma must be a finite float >= 0, got {sigma!r}")
-    return float(sigma)
-
-
 # ----------------------------------------------------------------------------- the wrapper
 
 def bridge_sample(x1: torch.Tensor, t: torch.Tensor, *, seed: int, step: int, sample_index,
@@ -156,7 +145,8 @@ def bridge_sample(x1: torch.Tensor, t: torch.Tensor, *, seed: int, step: int, sa
     check_float_tensor("x1", x1)
     b, n = check_batch(x1)
     check_no_grad("x1", x1)
-    seed_lo, seed_hi = check_seed_step(seed, step)
+    seed_lo, seed_hi = rng.split_seed(seed)
+    rng.check_step(step)
     sigma = check_sigma(sigma)
     interpreted = philox.is_interpreted(_bridge_sample_kernel)
     check_device(x1.device, interpreted)

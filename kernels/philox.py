@@ -145,11 +145,6 @@ def _noise_sum_kernel(sample_index_ptr, partial_ptr, n_per_sample, seed_lo, seed
     tl.store(partial_ptr + b * num_k + pid_k, tl.sum(acc, axis=0))
 
 
-def split_seed(seed: int) -> tuple[int, int]:
-    """The two uint32 key words of a 64-bit seed (as agm_fast.rng; same error for bad seeds)."""
-    return rng.split_seed(seed)
-
-
 def launch_config(device: torch.device, n_per_sample: int, interpreted: bool) -> tuple[int, int]:
     """(BLOCK elements per program step, programs per sample) for one sample of n elements.
 
@@ -172,7 +167,7 @@ def noise_sum(seed: int, step: int, sample_index: torch.Tensor, n_per_sample: in
     """Per-sample Σ(x0 + ε) over n elements [B] fp32: the noise-only cost limit for the bench.
 
     sample_index: int64 tensor [B] on the device to run on."""
-    seed_lo, seed_hi = split_seed(seed)
+    seed_lo, seed_hi = rng.split_seed(seed)
     device = sample_index.device
     interpreted = is_interpreted(_noise_sum_kernel)
     block, num_k = launch_config(device, n_per_sample, interpreted)

@@ -29,11 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
-from agm_fast.bridge import FAVOURS, PREDICTS, SCHEMES, LossOutput
+from agm_fast import rng
+from agm_fast.bridge import LossOutput, check_sigma
+from agm_fast.config import check_choice
 
 from . import philox
-from .bridge_sample import (check_batch, check_device, check_float_tensor,
-                            check_no_grad, check_same_device, check_seed_step, check_sigma,
+from .bridge_sample import (check_batch, check_device, check_float_tensor, check_no_grad, check_same_device,
                             prepare_sample_index, prepare_t)
 
 MAX_V_BLOCK = 1024
@@ -206,11 +207,6 @@ class WeightedBridgeLossFunction(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- the wrapper
 
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
 def _check_float(name: str, value, *, positive: bool, allow_inf: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ValueError(f"{name} must be a float, got {value!r}")
@@ -247,13 +243,14 @@ def weighted_bridge_loss(pred: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, 
         raise ValueError(f"pred and x1 must have the same shape, got {tuple(pred.shape)} and {tuple(x1.shape)}")
     b, n = check_batch(x1)
     check_no_grad("x1", x1)
-    _check_choice("predicts", predicts, PREDICTS)
-    _check_choice("scheme", scheme, SCHEMES)
-    _check_choice("favour", favour, FAVOURS)
+    check_choice("model.predicts", predicts)
+    check_choice("weights.scheme", scheme)
+    check_choice("weights.favour", favour)
     tau = _check_float("tau", tau, positive=True)
     clip = _check_float("clip", clip, positive=False, allow_inf=True)
     sigma = check_sigma(sigma)
-    seed_lo, seed_hi = check_seed_step(seed, step)
+    seed_lo, seed_hi = rng.split_seed(seed)
+    rng.check_step(step)
     if isinstance(v_offset, bool) or not isinstance(v_offset, int) or v_offset < 0:
         raise ValueError(f"v_offset must be an integer >= 0, got {v_offset!r}")
     normalizer = float(b) if normalizer is None else _check_float("normalizer", normalizer, positive=True)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from agm_fast import bridge, rng
+from agm_fast import bridge
 
 
 @pytest.mark.parametrize("t", [0.05, 0.3, 0.5, 0.9, 0.999])

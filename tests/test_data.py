@@ -208,7 +208,7 @@ def test_make_dataset(tmp_path):
     assert len(make_dataset("folder", path=str(tmp_path), resolution=16, channels=3)) == 6
     with pytest.raises(ValueError, match="path is required"):
         make_dataset("folder", resolution=16, channels=3)
-    with pytest.raises(ValueError, match="kind must be one of"):
+    with pytest.raises(ValueError, match="data.dataset=.* is not allowed"):
         make_dataset("cifar", resolution=16, channels=3, num_images=4)
     with pytest.raises(ValueError, match="num_images"):
         make_dataset("shapes", resolution=16, channels=3)
@@ -311,7 +311,7 @@ def test_loader_argument_errors():
     ds = ShapesDataset(8, resolution=8)
     with pytest.raises(ValueError, match="DALI loader not implemented yet"):
         BatchLoader(ds, batch_size=4, global_batch=4, seed=0, loader="dali")
-    with pytest.raises(ValueError, match="loader must be one of"):
+    with pytest.raises(ValueError, match="data.loader=.* is not allowed"):
         BatchLoader(ds, batch_size=4, global_batch=4, seed=0, loader="fast")
     with pytest.raises(ValueError, match="rank_offset \\+ batch_size"):
         BatchLoader(ds, batch_size=4, global_batch=8, rank_offset=6, seed=0)

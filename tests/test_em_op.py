@@ -172,7 +172,7 @@ def test_bad_inputs_give_clear_errors():
         ext.em_step_(x, drift, **{**kw, "dt": 0.0})
     with pytest.raises(ValueError, match="sigma"):
         ext.em_step_(x, drift, **{**kw, "sigma": -1.0})
-    with pytest.raises(ValueError, match="step must lie"):
+    with pytest.raises(ValueError, match="step must be"):
         ext.em_step_(x, drift, **{**kw, "step": -1})
     with pytest.raises(ValueError, match="image_index tensor"):
         ext.em_step_(x, drift, **{**kw, "image_index": torch.arange(3)})

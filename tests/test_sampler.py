@@ -309,6 +309,26 @@ def test_save_grid_grey_and_bad_channels(tmp_path):
         sampler.save_grid(torch.zeros(2, 2, 4, 4), tmp_path / "bad.png")
 
 
+def test_static_buffer_step_equals_eager_loop_on_cpu():
+    """The step a CUDA graph captures, run eagerly on the CPU on its static buffers: same images as
+    the eager loop, including a short last batch (padded with copies) and the noiseless last step."""
+    _need_ext()
+    net = _tiny()
+    steps, sigma, seed = 9, 0.5, 21
+    want = sampler.sample(net, n=5, shape=(3, 8, 8), steps=steps, sigma=sigma, seed=seed, em="ext",
+                          batch_size=3, progress=False)
+    g = sampler._StepGraph(net, (3, 3, 8, 8), steps, 1.0 / steps, sigma, seed, "drift", False, torch.device("cpu"))
+    assert g.graph is None  # nothing captured off CUDA
+    got = []
+    with torch.inference_mode():
+        for start, b in ((0, 3), (3, 2)):  # the second batch is short: 2 of 3 rows
+            idx = torch.arange(start, start + b)
+            x0 = rng.normal(seed, 0, idx, 3 * 8 * 8, rng.Stream.SAMPLE_X0).reshape(b, 3, 8, 8)
+            got.append(g.run(x0, idx))
+            assert int(g.step) == steps - 1  # advanced in the buffer once per replayed step
+    torch.testing.assert_close(torch.cat(got), want, rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- CUDA
 
 @needs_cuda

@@ -3,7 +3,6 @@ after SIGKILL, SIGTERM, the non-finite guard, stop-gradient, bad input."""
 
 import json
 import shutil
-import os
 import signal
 import subprocess
 import sys
