@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from .config import CHOICES
+
 log = logging.getLogger("agm_fast")
 
 
@@ -83,11 +85,10 @@ def _ema_path(path: str) -> str:
 
 def cmd_info(args) -> int:
     from . import __version__, dispatch
-    from .trainer import package_versions
 
     device = dispatch.resolve_device(args.device, "--device")
     print(f"agm_fast {__version__} on {device}")
-    print(json.dumps(package_versions()))
+    print(json.dumps(dispatch.package_versions()))
     for name, (impl, why) in dispatch.describe(device).items():
         print(f"  {name:<16} {impl:<12} {why}")
     return 0
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="Euler–Maruyama steps (default: the run's sample.steps)")
     s.add_argument("--sigma", type=float, default=None, help="must equal the checkpoint's bridge.sigma if given")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--em", default="auto", choices=("auto", "torch", "ext"))
+    s.add_argument("--em", default="auto", choices=CHOICES["sample.em"])
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
@@ -133,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except BrokenPipeError:  # output piped into e.g. `head`, which exited: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
     except (ValueError, OSError, RuntimeError) as e:
         from .trainer import TrainingError
         user_error = isinstance(e, (ValueError, OSError, TrainingError))

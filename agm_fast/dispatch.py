@@ -8,6 +8,7 @@ silent fallback. `agm-fast info` prints `describe()`.
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 
@@ -121,3 +122,18 @@ def describe(device: torch.device | str = "cpu", train_kernels: str = "auto", sa
     out["agm_fast._C"] = ("available" if ok else "unavailable", why)
     out["data.loader"] = ("torch", "DALI loader not wired yet; torch DataLoader is used")
     return out
+
+
+def package_versions() -> dict:
+    """Versions of Python, torch, numpy, CUDA, Triton and agm_fast (recorded with runs and benchmarks)."""
+    import numpy
+    v = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
+         "cuda": torch.version.cuda}
+    try:
+        import triton
+        v["triton"] = triton.__version__
+    except ImportError:
+        v["triton"] = None
+    from . import __version__
+    v["agm_fast"] = __version__
+    return v

@@ -52,21 +52,6 @@ def git_commit() -> str | None:
         return None
 
 
-def package_versions() -> dict:
-    import numpy
-    v = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
-         "cuda": torch.version.cuda}
-    try:
-        import triton
-        v["triton"] = triton.__version__
-    except ImportError:
-        v["triton"] = None
-    from . import __version__
-    v["agm_fast"] = __version__
-    return v
-
-
-
 def drift_arch(cfg: Config) -> dict:
     m, d = cfg.model, cfg.data
     return dict(in_channels=d.channels, resolution=d.resolution, channels=m.channels,
@@ -204,7 +189,7 @@ class Trainer:
     # ------------------------------------------------------------------ run bookkeeping
     def _write_run_info(self) -> None:
         atomic_write_text(self.run_dir / "config.json", config_mod.to_json(self.cfg) + "\n")
-        info = {"git_commit": git_commit(), "versions": package_versions(), "device": str(self.device),
+        info = {"git_commit": git_commit(), "versions": dispatch.package_versions(), "device": str(self.device),
                 "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                 "implementations": {"train.kernels": self.kernels_impl,
                                     "model.attention": getattr(self.drift, "attention_backend", None),

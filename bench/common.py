@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from agm_fast.dispatch import package_versions
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -27,15 +29,6 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"cpu: {model}"
-
-
-def versions() -> dict:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda}
 
 
 def time_ms(fn, device: torch.device, warmup: int = 3, rep: int = 20) -> float:
@@ -70,7 +63,7 @@ def write_results(bench: str, device: torch.device, rows: list[dict], notes: str
     now = _dt.datetime.now(_dt.timezone.utc)
     stem = RESULTS / f"{bench}-{slug}-{now:%Y%m%d}"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    doc = {"bench": bench, "device": name, **versions(),
+    doc = {"bench": bench, "device": name, **package_versions(),
            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
            "date": now.isoformat(timespec="seconds"), "notes": notes, "rows": rows}
     if device.type == "cuda":
