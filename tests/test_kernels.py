@@ -298,6 +298,43 @@ def test_training_step_gradients_match():
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-5, atol=1e-6)
 
 
+# ----------------------------------------------------------------------------- the GPU launch layout
+
+@pytest.mark.parametrize("block,programs", [(16, None), (16, 5), (64, 2)])
+def test_many_programs_per_sample(monkeypatch, block, programs):
+    """On CUDA a sample is split over many programs (one per 1,024 elements, partial sums added by
+    a second kernel); the interpreter normally runs one program per sample. Force that split here,
+    with small blocks so small samples span many programs (None: one program per block, as on
+    CUDA; a number: fewer programs than blocks, so each loops grid-stride over several)."""
+    def split(device, n, interpreted):
+        return block, programs or triton.cdiv(n, block)
+    monkeypatch.setattr(philox, "launch_config", split)
+    check_loss_case(3, 3, 9, torch.float32, "drift", "softmax", "coherent", 2.0, "mixed")  # 243 elements
+    check_loss_case(2, 1, 7, torch.bfloat16, "x1", "softmax", "degenerate", math.inf, "near1")
+    x1, _, t, _, idx = make_inputs(3, 3, 9, torch.float32, "mixed", seed=1)
+    xt = K.bridge_sample(x1, t, seed=SEED, step=STEP, sample_index=idx, sigma=0.5)
+    ref = bridge.bridge_sample(x1, t, *bridge.draw_bridge_noise(SEED, STEP, idx, x1.shape, DEVICE), 0.5)
+    torch.testing.assert_close(xt, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_finalize_reduces_large_partial_tables():
+    """The second kernel walks [rows, programs] partial sums in tiles: more rows and more programs
+    per row than one tile holds (as at 256² with batch 256 on CUDA) must still add up exactly."""
+    module = importlib.import_module("agm_fast.kernels.weighted_bridge_loss")
+    gen = torch.Generator().manual_seed(9)
+    rows, programs, n = 40, 300, 4 * 300
+    partial = torch.rand(rows, programs, generator=gen, dtype=torch.float64)
+    weights = torch.rand(rows, generator=gen, dtype=torch.float64) + 0.5
+    per_sample = torch.full((rows,), float("nan"), dtype=torch.float32, device=DEVICE)
+    loss = torch.full((), float("nan"), dtype=torch.float32, device=DEVICE)
+    block_k, block_b = 256, 32  # the wrapper's choice for 300 programs: 2 column and 2 row steps
+    module._finalize_kernel[(1,)](partial.float().to(DEVICE), weights.float().to(DEVICE), per_sample, loss,
+                                  rows, programs, float(n), 7.0, BLOCK_B=block_b, BLOCK_K=block_k, num_warps=8)
+    want = partial.sum(dim=1) / n
+    torch.testing.assert_close(per_sample.double().cpu(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.double().cpu(), (weights * want).sum() / 7.0, rtol=1e-5, atol=0)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 class _MustNotLaunch:
