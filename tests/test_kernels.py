@@ -10,6 +10,7 @@ matrix. Parity rule (DESIGN.md §3): the kernel's max error against an fp64 refe
 import importlib
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -333,6 +334,27 @@ def test_finalize_reduces_large_partial_tables():
     want = partial.sum(dim=1) / n
     torch.testing.assert_close(per_sample.double().cpu(), want, rtol=1e-5, atol=0)
     torch.testing.assert_close(loss.double().cpu(), (weights * want).sum() / 7.0, rtol=1e-5, atol=0)
+
+
+def test_every_kernel_variant_compiles_for_sm80_and_sm90():
+    """The interpreter never lowers a kernel to PTX: compile each variant the wrappers launch on
+    CUDA ahead of time (Triton's compiler and ptxas, no GPU needed), in a process without
+    TRITON_INTERPRET."""
+    import json
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "agm_fast.kernels.compile_check", "--json", "--arch", "80", "90"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.stdout.strip(), f"compile_check printed nothing (rc={res.returncode}): {res.stderr[-2000:]}"
+    rows = json.loads(res.stdout)
+    failed = [f"{r['arch']} {r['kernel']} [{r['variant']}]: {r['error']}" for r in rows if not r["ok"]]
+    assert not failed, "\n".join(failed)
+    assert res.returncode == 0, res.stderr[-2000:]
+    kernels = {r["kernel"] for r in rows}
+    assert kernels == {"_bridge_sample_kernel", "_weighted_bridge_loss_kernel", "_finalize_kernel",
+                       "_noise_sum_kernel"}
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
 
 
 # ----------------------------------------------------------------------------- bad input
