@@ -47,7 +47,7 @@ def available(device: torch.device | str | None = None) -> tuple[bool, str]:
         return True, f"agm_fast._C loaded ({kinds})"
     device = torch.device(device)
     if device.type == "cpu":
-        return True, f"agm_fast._C C++ op ({kinds})"
+        return True, f"agm_fast._C C++ op ({kinds}; CPU noise: {getattr(_C, 'CPU_NOISE', 'scalar')})"
     if device.type == "cuda":
         if not built_cuda:
             return False, "agm_fast._C was built without CUDA (torch without CUDA or no nvcc at build time)"

@@ -116,8 +116,9 @@ def main():
     if device.type == "cpu":
         shapes = [(16, 3, 64, 64), (64, 3, 64, 64)] if args.quick else [(16, 3, 64, 64), (64, 3, 64, 64), (256, 3, 64, 64)]
         rows = bench_op(device, shapes, [torch.float32], with_rng_reference=True)
-        notes = (f"CPU ({torch.get_num_threads()} threads): C++ op vs eager torch. The sampler rows need CUDA. "
-                 "Bytes = read x + read drift + write x.")
+        noise = getattr(ext._C, "CPU_NOISE", "scalar")  # the op's speed depends on its noise generator
+        notes = (f"CPU ({torch.get_num_threads()} threads, op noise generator: {noise}): C++ op vs eager torch. "
+                 "The sampler rows need CUDA. Bytes = read x + read drift + write x.")
     else:
         shapes = [(64, 3, 64, 64), (256, 3, 64, 64)] if args.quick else \
             [(64, 3, 64, 64), (256, 3, 64, 64), (1024, 3, 64, 64), (4096, 3, 64, 64)]

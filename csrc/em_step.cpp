@@ -5,6 +5,9 @@
 //       i.e. exactly agm_fast.rng.normal(seed, step, image_index, numel, rng.Stream.EM).
 //   em_step_z_(x, drift, z, dt, sigma)                                    same with z given (parity tests)
 //   em_step_last_(x, drift, dt)                                           x ← x + drift·dt (last step, σ = 0)
+//   _em_step_cpu_(x, drift, image_index, step, dt, sigma, seed_lo, seed_hi, noise)
+//       em_step_ on the CPU with the noise generator named: "auto" (what em_step_ uses), "avx2" or
+//       "scalar"; for tests, so that both generators are checked against agm_fast.rng.
 //
 // x: [B, ...] contiguous, fp32/bf16/fp16, updated in place. drift: x's shape, any of those dtypes
 // (a bf16 network output may drive an fp32 state). Arithmetic is fp32, one rounding per operation
@@ -15,6 +18,7 @@
 //
 // CPU kernel here (at::parallel_for); CUDA kernel in em_step_cuda.cu (torch-free), glued below
 // when built with AGM_WITH_CUDA. Registered with torch.library; fake kernels are in agm_fast/ext.py.
+// The module constant agm_fast._C.CPU_NOISE names the CPU noise generator in use ("avx2" or "scalar").
 
 #include <Python.h>
 
@@ -25,8 +29,13 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 
 #include "philox.h"
+
+#if defined(AGM_HAVE_AVX2_TILE) && !defined(__NO_MATH_ERRNO__)
+#warning "agm_fast._C built without -fno-math-errno: the AVX2 noise tile will not vectorise sqrtf (slow)"
+#endif
 
 #ifdef AGM_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -42,7 +51,7 @@ namespace {
 
 enum Mode : int { kNoiseInKernel = 0, kNoiseGiven = 1, kNoiseless = 2 };
 
-constexpr int64_t kTileBlocks = 64;  // Philox blocks per tile: 256 normals generated, then one update loop
+constexpr int64_t kTileBlocks = agm::kTileBlocks;  // Philox blocks per work item: ≤ 256 normals, then one update loop
 
 bool is_float_storage(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
@@ -80,9 +89,49 @@ float noise_scale_of(double dt, double sigma) {
 
 // ------------------------------------------------------------------------------------------- CPU
 
+// A CPU noise generator: the normals of Philox blocks first_block … first_block + nblocks − 1 of
+// one image (stream EM) into z[0 … 4·kTileBlocks). The two below draw the same Philox words; their
+// normals differ from each other and from agm_fast.rng by a few ulp (log/sin/cos).
+using EmNoiseFn = void (*)(uint32_t first_block, int nblocks, uint32_t image, uint32_t step, uint32_t k0,
+                           uint32_t k1, float* z);
+
+void em_noise_scalar(uint32_t first_block, int nblocks, uint32_t image, uint32_t step, uint32_t k0, uint32_t k1,
+                     float* z) {
+  for (int j = 0; j < nblocks; ++j) {
+    agm::normal4(first_block + static_cast<uint32_t>(j), image, step, agm::kStreamEM, k0, k1, &z[4 * j]);
+  }
+}
+
+#ifdef AGM_HAVE_AVX2_TILE
+void em_noise_avx2(uint32_t first_block, int nblocks, uint32_t image, uint32_t step, uint32_t k0, uint32_t k1,
+                   float* z) {
+  agm::normals_tile_avx2(first_block, nblocks, image, step, agm::kStreamEM, k0, k1, z);
+}
+#endif
+
+bool cpu_has_avx2_noise() {
+#ifdef AGM_HAVE_AVX2_TILE
+  return agm::cpu_has_avx2_fma();
+#else
+  return false;
+#endif
+}
+
+// "auto" (what em_step_ uses): the AVX2 generator where the CPU has it, else the scalar one.
+EmNoiseFn em_noise_generator(const std::string& noise) {
+  TORCH_CHECK(noise == "auto" || noise == "avx2" || noise == "scalar",
+              "em_step: noise generator must be 'auto', 'avx2' or 'scalar', got '", noise, "'");
+#ifdef AGM_HAVE_AVX2_TILE
+  if (noise != "scalar" && cpu_has_avx2_noise()) return &em_noise_avx2;
+#endif
+  TORCH_CHECK(noise != "avx2", "em_step: the 'avx2' noise generator needs an x86-64 CPU with AVX2 and FMA");
+  return &em_noise_scalar;
+}
+
 template <typename TX, typename TD>
-void em_step_cpu_kernel(at::Tensor& x, const at::Tensor& drift_c, const float* z_given, const int64_t* image_index,
-                        uint32_t step, float dt, float noise_scale, uint32_t k0, uint32_t k1, int mode) {
+void em_step_cpu_kernel(at::Tensor& x, const at::Tensor& drift_c, const float* z_given, EmNoiseFn normals,
+                        const int64_t* image_index, uint32_t step, float dt, float noise_scale, uint32_t k0,
+                        uint32_t k1, int mode) {
   TX* xp = x.data_ptr<TX>();
   const TD* dp = drift_c.data_ptr<TD>();
   const int64_t rows = x.size(0);
@@ -91,7 +140,7 @@ void em_step_cpu_kernel(at::Tensor& x, const at::Tensor& drift_c, const float* z
   const int64_t tiles_per_row = (blocks_per_row + kTileBlocks - 1) / kTileBlocks;
   // Work item = one tile (≤ 256 elements of one image); grain keeps ≥ ~32k elements per task.
   at::parallel_for(0, rows * tiles_per_row, 128, [&](int64_t begin, int64_t end) {
-    float z[kTileBlocks * 4];
+    alignas(64) float z[kTileBlocks * 4];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t row = item / tiles_per_row;
       const int64_t first_block = (item - row * tiles_per_row) * kTileBlocks;
@@ -99,11 +148,8 @@ void em_step_cpu_kernel(at::Tensor& x, const at::Tensor& drift_c, const float* z
       const int64_t count = std::min<int64_t>(kTileBlocks * 4, row_numel - start);
       const int64_t off = row * row_numel + start;
       if (mode == kNoiseInKernel) {
-        const uint32_t image = static_cast<uint32_t>(image_index[row]);
-        const int64_t nblocks = (count + 3) / 4;
-        for (int64_t j = 0; j < nblocks; ++j) {
-          agm::normal4(static_cast<uint32_t>(first_block + j), image, step, agm::kStreamEM, k0, k1, &z[4 * j]);
-        }
+        normals(static_cast<uint32_t>(first_block), static_cast<int>((count + 3) / 4),
+                static_cast<uint32_t>(image_index[row]), step, k0, k1, z);
       } else if (mode == kNoiseGiven) {
         for (int64_t i = 0; i < count; ++i) z[i] = z_given[off + i];
       }
@@ -126,14 +172,15 @@ void em_step_cpu_kernel(at::Tensor& x, const at::Tensor& drift_c, const float* z
   });
 }
 
-void em_step_cpu_dispatch(at::Tensor& x, const at::Tensor& drift, const float* z, const int64_t* image_index,
-                          uint32_t step, float dt, float noise_scale, uint32_t k0, uint32_t k1, int mode) {
+void em_step_cpu_dispatch(at::Tensor& x, const at::Tensor& drift, const float* z, EmNoiseFn normals,
+                          const int64_t* image_index, uint32_t step, float dt, float noise_scale, uint32_t k0,
+                          uint32_t k1, int mode) {
   const at::Tensor drift_c = drift.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "em_step_cpu_x", [&] {
     using TX = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, drift_c.scalar_type(), "em_step_cpu_drift", [&] {
       using TD = scalar_t;
-      em_step_cpu_kernel<TX, TD>(x, drift_c, z, image_index, step, dt, noise_scale, k0, k1, mode);
+      em_step_cpu_kernel<TX, TD>(x, drift_c, z, normals, image_index, step, dt, noise_scale, k0, k1, mode);
     });
   });
 }
@@ -143,16 +190,23 @@ uint32_t seed_word(int64_t w, const char* name) {
   return static_cast<uint32_t>(w);
 }
 
-void em_step_cpu(at::Tensor x, const at::Tensor& drift, const at::Tensor& image_index, const at::Tensor& step,
-                 double dt, double sigma, int64_t seed_lo, int64_t seed_hi) {
+void em_step_cpu_with(at::Tensor x, const at::Tensor& drift, const at::Tensor& image_index, const at::Tensor& step,
+                      double dt, double sigma, int64_t seed_lo, int64_t seed_hi, c10::string_view noise) {
   check_common(x, drift, dt);
   check_noise_keys(x, image_index, step);
+  const EmNoiseFn normals = em_noise_generator(std::string(noise));
   const float ns = noise_scale_of(dt, sigma);
   const int64_t k = step.item<int64_t>();
   TORCH_CHECK(k >= 0 && k <= 0xffffffffLL, "em_step: step must be in [0, 2**32), got ", k);
   const at::Tensor idx = image_index.contiguous();
-  em_step_cpu_dispatch(x, drift, nullptr, idx.data_ptr<int64_t>(), static_cast<uint32_t>(k), static_cast<float>(dt),
-                       ns, seed_word(seed_lo, "seed_lo"), seed_word(seed_hi, "seed_hi"), kNoiseInKernel);
+  em_step_cpu_dispatch(x, drift, nullptr, normals, idx.data_ptr<int64_t>(), static_cast<uint32_t>(k),
+                       static_cast<float>(dt), ns, seed_word(seed_lo, "seed_lo"), seed_word(seed_hi, "seed_hi"),
+                       kNoiseInKernel);
+}
+
+void em_step_cpu(at::Tensor x, const at::Tensor& drift, const at::Tensor& image_index, const at::Tensor& step,
+                 double dt, double sigma, int64_t seed_lo, int64_t seed_hi) {
+  em_step_cpu_with(x, drift, image_index, step, dt, sigma, seed_lo, seed_hi, "auto");
 }
 
 void em_step_z_cpu(at::Tensor x, const at::Tensor& drift, const at::Tensor& z, double dt, double sigma) {
@@ -161,12 +215,13 @@ void em_step_z_cpu(at::Tensor x, const at::Tensor& drift, const at::Tensor& z, d
               " and device, got ", z.sizes(), " on ", z.device());
   const float ns = noise_scale_of(dt, sigma);
   const at::Tensor zf = z.to(at::kFloat).contiguous();
-  em_step_cpu_dispatch(x, drift, zf.data_ptr<float>(), nullptr, 0, static_cast<float>(dt), ns, 0, 0, kNoiseGiven);
+  em_step_cpu_dispatch(x, drift, zf.data_ptr<float>(), nullptr, nullptr, 0, static_cast<float>(dt), ns, 0, 0,
+                       kNoiseGiven);
 }
 
 void em_step_last_cpu(at::Tensor x, const at::Tensor& drift, double dt) {
   check_common(x, drift, dt);
-  em_step_cpu_dispatch(x, drift, nullptr, nullptr, 0, static_cast<float>(dt), 0.f, 0, 0, kNoiseless);
+  em_step_cpu_dispatch(x, drift, nullptr, nullptr, nullptr, 0, static_cast<float>(dt), 0.f, 0, 0, kNoiseless);
 }
 
 // ------------------------------------------------------------------------------------------- CUDA
@@ -231,18 +286,22 @@ TORCH_LIBRARY(agm_fast, m) {
         "int seed_lo, int seed_hi) -> ()");
   m.def("em_step_z_(Tensor(a!) x, Tensor drift, Tensor z, float dt, float sigma) -> ()");
   m.def("em_step_last_(Tensor(a!) x, Tensor drift, float dt) -> ()");
+  m.def("_em_step_cpu_(Tensor(a!) x, Tensor drift, Tensor image_index, Tensor step, float dt, float sigma, "
+        "int seed_lo, int seed_hi, str noise) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(agm_fast, CPU, m) {
   m.impl("em_step_", &em_step_cpu);
   m.impl("em_step_z_", &em_step_z_cpu);
   m.impl("em_step_last_", &em_step_last_cpu);
+  m.impl("_em_step_cpu_", &em_step_cpu_with);
 }
 
 TORCH_LIBRARY_IMPL(agm_fast, ADInplaceOrView, m) {
   m.impl("em_step_", torch::CppFunction::makeFromBoxedFunction<&bump_version_of_x>());
   m.impl("em_step_z_", torch::CppFunction::makeFromBoxedFunction<&bump_version_of_x>());
   m.impl("em_step_last_", torch::CppFunction::makeFromBoxedFunction<&bump_version_of_x>());
+  m.impl("_em_step_cpu_", torch::CppFunction::makeFromBoxedFunction<&bump_version_of_x>());
 }
 
 #ifdef AGM_WITH_CUDA
@@ -265,5 +324,6 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   PyModule_AddIntConstant(module, "WITH_CUDA", 0);
 #endif
+  PyModule_AddStringConstant(module, "CPU_NOISE", cpu_has_avx2_noise() ? "avx2" : "scalar");
   return module;
 }

@@ -132,6 +132,71 @@ def test_full_step_matches_reference_with_rng_noise():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+# ----------------------------------------------------------------------------- CPU noise generators
+# The CPU op draws its noise with an AVX2 tile generator where the CPU has AVX2 + FMA (polynomial
+# log/sin/cos) and with the scalar one (libm) otherwise; torch.ops.agm_fast._em_step_cpu_ runs
+# em_step_ with either, so both are checked here whatever em_step_ picks on this machine.
+
+def _cpu_noise_generators():
+    return ["scalar"] + (["avx2"] if getattr(ext._C, "CPU_NOISE", "scalar") == "avx2" else [])
+
+
+def _step_with(noise, x, drift, *, dt, sigma, seed, step, image_index):
+    lo, hi = rng.split_seed(seed)
+    torch.ops.agm_fast._em_step_cpu_(x, drift, image_index, torch.tensor([step]), dt, sigma, lo, hi, noise)
+    return x
+
+
+@pytest.mark.parametrize("noise", ["scalar", "avx2"])
+def test_cpu_noise_generators_equal_rng(noise):
+    """Large odd batch; row sizes around the 4-element block, the 8-block chunk and the 64-block tile."""
+    if noise not in _cpu_noise_generators():
+        pytest.skip("this CPU has no AVX2 + FMA: only the scalar noise generator runs here")
+    g = torch.Generator().manual_seed(3)
+    for numel, batch in [(1, 3), (3, 2), (5, 1), (31, 2), (33, 3), (255, 2), (257, 3), (259, 1), (1021, 2),
+                         (3 * 173 * 211, 5)]:
+        idx = torch.randint(0, 2**32, (batch,), generator=g, dtype=torch.int64)
+        for seed, step in [(0, 0), (2**64 - 1, 2**32 - 1), (0x9E3779B97F4A7C15, 123)]:
+            x = _step_with(noise, torch.zeros(batch, numel), torch.zeros(batch, numel), dt=1.0, sigma=1.0,
+                           seed=seed, step=step, image_index=idx)
+            z = rng.normal(seed, step, idx, numel, rng.Stream.EM)
+            torch.testing.assert_close(x, z, rtol=1e-6, atol=2e-6, msg=lambda m: f"{numel=} {seed=} {step=}: {m}")
+            # tighter, also for small |z|: both sides are within ~3 ulp of the exact normal
+            ulp = torch.nextafter(z.abs(), torch.tensor(float("inf"))) - z.abs()
+            assert ((x - z).abs() / ulp).max() <= 8, (numel, seed, step)
+
+
+def test_cpu_noise_generators_agree_and_em_step_uses_avx2_where_supported():
+    shape = (5, 3, 37, 29)  # row of 3219 elements: 12 full tiles and a partial one
+    x, drift, _ = _inputs(shape)
+    kw = dict(dt=DT, sigma=SIGMA, seed=77, step=5, image_index=torch.arange(8, 13))
+    got = {noise: _step_with(noise, x.clone(), drift, **kw) for noise in _cpu_noise_generators() + ["auto"]}
+    best = "avx2" if "avx2" in got else "scalar"
+    torch.testing.assert_close(got[best], got["scalar"], rtol=1e-6, atol=1e-6)
+    assert torch.equal(ext.em_step_(x.clone(), drift, **kw), got["auto"])
+    assert torch.equal(got["auto"], got[best])
+    with pytest.raises(RuntimeError, match="noise generator must be"):
+        _step_with("fast", x.clone(), drift, **kw)
+
+
+@pytest.mark.parametrize("noise", ["scalar", "avx2"])
+@pytest.mark.parametrize("dtype,drift_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                               (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_in_op_noise_low_precision_parity_rule(noise, dtype, drift_dtype):
+    """Parity rule with in-op noise: |op − fp64| ≤ 2·|torch same-dtype reference − fp64| + floor."""
+    if noise not in _cpu_noise_generators():
+        pytest.skip("this CPU has no AVX2 + FMA: only the scalar noise generator runs here")
+    shape = (3, 3, 17, 19)
+    x, drift, _ = _inputs(shape, dtype, drift_dtype)
+    z = rng.normal(4, 9, torch.arange(2, 5), x[0].numel(), rng.Stream.EM).reshape(shape)
+    exact = _reference(x, drift, z, DT, SIGMA, torch.float64, acc=torch.float64)
+    torch_ref = _reference(x, drift, z, DT, SIGMA, dtype)
+    got = _step_with(noise, x.clone(), drift, dt=DT, sigma=SIGMA, seed=4, step=9, image_index=torch.arange(2, 5))
+    err_op = (got.double() - exact).abs().max().item()
+    err_ref = (torch_ref.double() - exact).abs().max().item()
+    assert err_op <= 2 * err_ref + 1e-6, (err_op, err_ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_last_step_adds_no_noise(dtype):
     x, drift, _ = _inputs((3, 3, 5, 7), dtype)
