@@ -8,6 +8,9 @@
 //   _em_step_cpu_(x, drift, image_index, step, dt, sigma, seed_lo, seed_hi, noise)
 //       em_step_ on the CPU with the noise generator named: "auto" (what em_step_ uses), "avx2" or
 //       "scalar"; for tests, so that both generators are checked against agm_fast.rng.
+//   _em_step_cuda_emulated_(x, drift, z?, image_index, step, dt, sigma, seed_lo, seed_hi, mode) -> bool
+//       the CUDA kernel's per-thread body (em_step_kernel.h) run on the CPU for every thread index,
+//       with the CUDA launcher's choice of vector path (returned); for tests on machines without a GPU.
 //
 // x: [B, ...] contiguous, fp32/bf16/fp16, updated in place. drift: x's shape, any of those dtypes
 // (a bf16 network output may drive an fp32 state). Arithmetic is fp32, one rounding per operation
@@ -31,6 +34,7 @@
 #include <cstdint>
 #include <string>
 
+#include "em_step_kernel.h"
 #include "philox.h"
 
 #if defined(AGM_HAVE_AVX2_TILE) && !defined(__NO_MATH_ERRNO__)
@@ -49,7 +53,9 @@ extern "C" const char* agm_em_step_cuda_error_string(int code);
 
 namespace {
 
-enum Mode : int { kNoiseInKernel = 0, kNoiseGiven = 1, kNoiseless = 2 };
+using agm::kNoiseGiven;  // the modes of the CUDA entry point (em_step_kernel.h)
+using agm::kNoiseInKernel;
+using agm::kNoiseless;
 
 constexpr int64_t kTileBlocks = agm::kTileBlocks;  // Philox blocks per work item: ≤ 256 normals, then one update loop
 
@@ -224,6 +230,95 @@ void em_step_last_cpu(at::Tensor x, const at::Tensor& drift, double dt) {
   em_step_cpu_dispatch(x, drift, nullptr, nullptr, nullptr, 0, static_cast<float>(dt), 0.f, 0, 0, kNoiseless);
 }
 
+// ------------------------------------------------------------------------------- CUDA body on CPU
+
+}  // namespace
+
+namespace agm {
+template <>
+struct Storage<c10::BFloat16> {
+  static float load(c10::BFloat16 v) { return static_cast<float>(v); }
+  static c10::BFloat16 store(float v) { return c10::BFloat16(v); }  // round to nearest even
+};
+template <>
+struct Storage<c10::Half> {
+  static float load(c10::Half v) { return static_cast<float>(v); }
+  static c10::Half store(float v) { return c10::Half(v); }
+};
+}  // namespace agm
+
+namespace {
+
+// f(T{}) for the storage type T of t (fp32, bf16 or fp16; check_common has rejected the others).
+template <typename F>
+void with_storage_type(at::ScalarType t, F&& f) {
+  if (t == at::kBFloat16) {
+    f(c10::BFloat16());
+  } else if (t == at::kHalf) {
+    f(c10::Half());
+  } else {
+    f(float());
+  }
+}
+
+// Every thread index of the CUDA grid in turn (the kernel has no shared memory or barriers, so
+// running its threads one after another gives what the GPU gives), with the launcher's vector choice.
+template <typename TX, typename TD, int MODE>
+bool emulate_cuda_kernel(TX* x, const TD* drift, const float* z, const int64_t* image_index, uint32_t step,
+                         int64_t rows, int64_t row_numel, float dt, float noise_scale, uint32_t k0, uint32_t k1) {
+  const int64_t blocks_per_row = (row_numel + 3) / 4;
+  const bool vec = agm::em_step_vector_ok(row_numel, x, sizeof(TX), drift, sizeof(TD), z);
+  for (int64_t g = 0; g < rows * blocks_per_row; ++g) {
+    if (vec) {
+      agm::em_step_block<TX, TD, MODE, true>(g, x, drift, z, image_index, step, row_numel, blocks_per_row, dt,
+                                             noise_scale, k0, k1);
+    } else {
+      agm::em_step_block<TX, TD, MODE, false>(g, x, drift, z, image_index, step, row_numel, blocks_per_row, dt,
+                                              noise_scale, k0, k1);
+    }
+  }
+  return vec;
+}
+
+bool em_step_cuda_emulated(at::Tensor x, const at::Tensor& drift, const c10::optional<at::Tensor>& z,
+                           const at::Tensor& image_index, const at::Tensor& step, double dt, double sigma,
+                           int64_t seed_lo, int64_t seed_hi, int64_t mode) {
+  check_common(x, drift, dt);
+  TORCH_CHECK(mode == kNoiseInKernel || mode == kNoiseGiven || mode == kNoiseless,
+              "_em_step_cuda_emulated_: mode must be 0 (noise in kernel), 1 (z given) or 2 (noiseless), got ", mode);
+  check_noise_keys(x, image_index, step);
+  TORCH_CHECK(mode != kNoiseGiven || (z.has_value() && z->sizes() == x.sizes()),
+              "_em_step_cuda_emulated_: mode 1 needs z of x's shape");
+  // the same argument preparation as the CUDA glue below
+  const at::Tensor drift_c = drift.contiguous();
+  const at::Tensor zf = mode == kNoiseGiven ? z->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor idx = image_index.contiguous();
+  const int64_t k = step.item<int64_t>();
+  const float ns = mode == kNoiseless ? 0.f : noise_scale_of(dt, sigma);
+  const uint32_t k0 = seed_word(seed_lo, "seed_lo"), k1 = seed_word(seed_hi, "seed_hi");
+  const int64_t rows = x.size(0), row_numel = x.numel() / rows;
+  const float* zp = zf.defined() ? zf.data_ptr<float>() : nullptr;
+  bool vec = false;
+  with_storage_type(x.scalar_type(), [&](auto x_tag) {
+    using TX = decltype(x_tag);
+    with_storage_type(drift_c.scalar_type(), [&](auto drift_tag) {
+      using TD = decltype(drift_tag);
+      TX* xp = x.data_ptr<TX>();
+      const TD* dp = drift_c.data_ptr<TD>();
+      const int64_t* ip = idx.data_ptr<int64_t>();
+      const uint32_t st = static_cast<uint32_t>(k);
+      if (mode == kNoiseInKernel) {
+        vec = emulate_cuda_kernel<TX, TD, kNoiseInKernel>(xp, dp, zp, ip, st, rows, row_numel, dt, ns, k0, k1);
+      } else if (mode == kNoiseGiven) {
+        vec = emulate_cuda_kernel<TX, TD, kNoiseGiven>(xp, dp, zp, ip, st, rows, row_numel, dt, ns, k0, k1);
+      } else {
+        vec = emulate_cuda_kernel<TX, TD, kNoiseless>(xp, dp, zp, ip, st, rows, row_numel, dt, ns, k0, k1);
+      }
+    });
+  });
+  return vec;
+}
+
 // ------------------------------------------------------------------------------------------- CUDA
 
 #ifdef AGM_WITH_CUDA
@@ -288,6 +383,8 @@ TORCH_LIBRARY(agm_fast, m) {
   m.def("em_step_last_(Tensor(a!) x, Tensor drift, float dt) -> ()");
   m.def("_em_step_cpu_(Tensor(a!) x, Tensor drift, Tensor image_index, Tensor step, float dt, float sigma, "
         "int seed_lo, int seed_hi, str noise) -> ()");
+  m.def("_em_step_cuda_emulated_(Tensor(a!) x, Tensor drift, Tensor? z, Tensor image_index, Tensor step, float dt, "
+        "float sigma, int seed_lo, int seed_hi, int mode) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(agm_fast, CPU, m) {
@@ -295,6 +392,7 @@ TORCH_LIBRARY_IMPL(agm_fast, CPU, m) {
   m.impl("em_step_z_", &em_step_z_cpu);
   m.impl("em_step_last_", &em_step_last_cpu);
   m.impl("_em_step_cpu_", &em_step_cpu_with);
+  m.impl("_em_step_cuda_emulated_", &em_step_cuda_emulated);
 }
 
 TORCH_LIBRARY_IMPL(agm_fast, ADInplaceOrView, m) {
@@ -302,6 +400,7 @@ TORCH_LIBRARY_IMPL(agm_fast, ADInplaceOrView, m) {
   m.impl("em_step_z_", torch::CppFunction::makeFromBoxedFunction<&bump_version_of_x>());
   m.impl("em_step_last_", torch::CppFunction::makeFromBoxedFunction<&bump_version_of_x>());
   m.impl("_em_step_cpu_", torch::CppFunction::makeFromBoxedFunction<&bump_version_of_x>());
+  m.impl("_em_step_cuda_emulated_", torch::CppFunction::makeFromBoxedFunction<&bump_version_of_x>());
 }
 
 #ifdef AGM_WITH_CUDA

@@ -7,7 +7,8 @@
 // (checks, dtype codes, current stream) lives in em_step.cpp behind AGM_WITH_CUDA.
 //
 // One thread handles one Philox block = 4 consecutive elements of one image (every output of
-// every draw is used); grid-stride over all blocks of the batch. When an image's size is a
+// every draw is used); grid-stride over all blocks of the batch. The per-thread body lives in
+// em_step_kernel.h, which the CPU build also compiles, so tests run it without a GPU. When an image's size is a
 // multiple of 4 and the pointers are aligned, the 4 elements move as one vector load/store.
 // The step k and the image indices are read from device memory, so a captured CUDA graph
 // replays with whatever step the graph itself wrote there (no baked-in counters).
@@ -19,26 +20,27 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#include "philox.h"
+#include "em_step_kernel.h"
+
+namespace agm {
+template <>
+struct Storage<__nv_bfloat16> {
+  static __host__ __device__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __host__ __device__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
+};
+template <>
+struct Storage<__half> {
+  static __host__ __device__ float load(__half v) { return __half2float(v); }
+  static __host__ __device__ __half store(float v) { return __float2half_rn(v); }
+};
+}  // namespace agm
 
 namespace {
 
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
-enum Mode : int { kNoiseInKernel = 0, kNoiseGiven = 1, kNoiseless = 2 };
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-
-template <typename T>
-struct alignas(4 * sizeof(T)) Pack4 {
-  T v[4];
-};
+using agm::kNoiseInKernel;
+using agm::kNoiseGiven;
+using agm::kNoiseless;
 
 template <typename TX, typename TD, int MODE, bool VEC>
 __global__ void __launch_bounds__(256)
@@ -47,41 +49,11 @@ em_step_kernel(TX* __restrict__ x, const TD* __restrict__ drift, const float* __
                int64_t rows, int64_t row_numel, float dt, float noise_scale, uint32_t k0, uint32_t k1) {
   const int64_t blocks_per_row = (row_numel + 3) / 4;
   const int64_t total = rows * blocks_per_row;
-  uint32_t step = 0;
-  if (MODE == kNoiseInKernel) step = static_cast<uint32_t>(*step_ptr);
+  const uint32_t step = MODE == kNoiseInKernel ? static_cast<uint32_t>(*step_ptr) : 0u;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < total;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = g / blocks_per_row;
-    const int64_t blk = g - row * blocks_per_row;
-    const int64_t base = row * row_numel + blk * 4;
-    float z[4] = {0.f, 0.f, 0.f, 0.f};
-    if (MODE == kNoiseInKernel) {
-      agm::normal4(static_cast<uint32_t>(blk), static_cast<uint32_t>(image_index[row]), step,
-                   agm::kStreamEM, k0, k1, z);
-    }
-    if (VEC) {  // row_numel % 4 == 0 and aligned pointers: one vector access per operand
-      Pack4<TX> xv = *reinterpret_cast<const Pack4<TX>*>(x + base);
-      const Pack4<TD> dv = *reinterpret_cast<const Pack4<TD>*>(drift + base);
-      if (MODE == kNoiseGiven) {
-        const float4 zv = *reinterpret_cast<const float4*>(z_given + base);
-        z[0] = zv.x; z[1] = zv.y; z[2] = zv.z; z[3] = zv.w;
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float v = __fadd_rn(to_f32(xv.v[i]), __fmul_rn(to_f32(dv.v[i]), dt));
-        if (MODE != kNoiseless) v = __fadd_rn(v, __fmul_rn(noise_scale, z[i]));
-        xv.v[i] = from_f32<TX>(v);
-      }
-      *reinterpret_cast<Pack4<TX>*>(x + base) = xv;
-    } else {
-      const int64_t n = row_numel - blk * 4 < 4 ? row_numel - blk * 4 : 4;
-      for (int i = 0; i < n; ++i) {
-        float v = __fadd_rn(to_f32(x[base + i]), __fmul_rn(to_f32(drift[base + i]), dt));
-        if (MODE == kNoiseGiven) z[i] = z_given[base + i];
-        if (MODE != kNoiseless) v = __fadd_rn(v, __fmul_rn(noise_scale, z[i]));
-        x[base + i] = from_f32<TX>(v);
-      }
-    }
+    agm::em_step_block<TX, TD, MODE, VEC>(g, x, drift, z_given, image_index, step, row_numel, blocks_per_row, dt,
+                                          noise_scale, k0, k1);
   }
 }
 
@@ -101,12 +73,9 @@ cudaError_t launch_typed(void* x, const void* drift, const float* z, const int64
   const int64_t wanted = (total + threads - 1) / threads;
   const int64_t cap = static_cast<int64_t>(sms) * 16;
   const unsigned grid = static_cast<unsigned>(wanted < cap ? wanted : cap);
-  const bool aligned = (reinterpret_cast<uintptr_t>(x) % (4 * sizeof(TX)) == 0) &&
-                       (reinterpret_cast<uintptr_t>(drift) % (4 * sizeof(TD)) == 0) &&
-                       (z == nullptr || reinterpret_cast<uintptr_t>(z) % 16 == 0);
   TX* xp = static_cast<TX*>(x);
   const TD* dp = static_cast<const TD*>(drift);
-  if (row_numel % 4 == 0 && aligned) {
+  if (agm::em_step_vector_ok(row_numel, x, sizeof(TX), drift, sizeof(TD), z)) {
     em_step_kernel<TX, TD, MODE, true><<<grid, threads, 0, stream>>>(xp, dp, z, index, step, rows, row_numel,
                                                                      dt, noise_scale, k0, k1);
   } else {

@@ -269,6 +269,67 @@ def test_works_under_torch_compile():
     assert torch.equal(got, want)
 
 
+# ----------------------------------------------------------------------------- the CUDA kernel's body, on CPU
+# csrc/em_step_kernel.h holds the per-thread body of the CUDA kernel; _em_step_cuda_emulated_ runs
+# it on the CPU for every thread index, with the CUDA launcher's choice of vector path, so its
+# indexing, tails, vector loads, noise keys and roundings are checked here without a GPU.
+
+def _emulated(x, drift, z, mode, *, seed=9, step=17, image_index=None):
+    lo, hi = rng.split_seed(seed)
+    idx = torch.arange(3, 3 + x.shape[0]) if image_index is None else image_index
+    return torch.ops.agm_fast._em_step_cuda_emulated_(x, drift, z, idx, torch.tensor([step]), DT, SIGMA, lo, hi, mode)
+
+
+def _misaligned(t):
+    """A contiguous copy of t that starts 1 element into its buffer (not 4-element aligned)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("dtype,drift_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float16, torch.float16), (torch.float32, torch.bfloat16),
+                                               (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("shape,layout,vector", [((4, 3, 8, 8), "aligned", True), ((3, 3, 5, 7), "aligned", False),
+                                                 ((2, 1, 28, 28), "misaligned", False), ((1, 1, 1, 1), "aligned", False),
+                                                 ((5, 3, 1, 4), "aligned", True)])
+def test_cuda_kernel_body_emulated_on_cpu(shape, layout, vector, dtype, drift_dtype):
+    """Against the fused CPU op (itself checked against rng and the reference above): identical
+    for given z and the last step, within the noise tolerance for in-kernel noise."""
+    x, drift, z = _inputs(shape, dtype, drift_dtype)
+    prep = _misaligned if layout == "misaligned" else (lambda t: t.clone())
+    for mode in (0, 1, 2):
+        got = prep(x)
+        used_vector = _emulated(got, prep(drift), prep(z) if mode == 1 else None, mode)
+        assert used_vector == vector
+        want = x.clone()
+        if mode == 0:
+            ext.em_step_(want, drift, dt=DT, sigma=SIGMA, seed=9, step=17, image_index=3)
+            # scalar libm noise vs the op's noise generator: a last-ulp difference may flip one
+            # rounding of a 16-bit result
+            tol = dict(rtol=1e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-5)
+            torch.testing.assert_close(got, want, **tol)
+        else:
+            if mode == 1:
+                ext.em_step_z_(want, drift, z, dt=DT, sigma=SIGMA)
+            else:
+                ext.em_step_last_(want, drift, dt=DT)
+            assert torch.equal(got, want), f"mode {mode}"
+
+
+def test_cuda_kernel_body_noise_equals_rng():
+    """x = 0, drift = 0, dt = 1, σ = 1 leaves exactly the kernel's z: rng.normal's, keyed per row."""
+    shape, idx = (3, 3, 9, 11), torch.tensor([7, 2**32 - 1, 0])
+    for seed, step in [(0, 0), (2**64 - 1, 2**32 - 1)]:
+        x = torch.zeros(shape)
+        lo, hi = rng.split_seed(seed)
+        torch.ops.agm_fast._em_step_cuda_emulated_(x, torch.zeros(shape), None, idx, torch.tensor([step]), 1.0, 1.0,
+                                                   lo, hi, 0)
+        z = rng.normal(seed, step, idx, x[0].numel(), rng.Stream.EM).reshape(shape)
+        torch.testing.assert_close(x, z, rtol=1e-6, atol=2e-6)
+
+
 # ----------------------------------------------------------------------------- CUDA
 
 @needs_cuda
