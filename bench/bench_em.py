@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth_gbps, device_name, time_ms, write_results  # noqa: E402
 
-from agm_fast import ext, rng, sampler  # noqa: E402
+from agm_fast import ext, sampler  # noqa: E402
 
 DT, SIGMA = 1.0 / 200, 0.5
 
