@@ -55,7 +55,7 @@ def cmd_sample(args) -> int:
     _setup_logging()
     if not args.out and not args.npz:
         raise ValueError("give --out PNG and/or --npz FILE for the samples")
-    sample_from_checkpoint(_ema_path(args.ckpt), n=args.n, steps=args.steps, sigma=args.sigma,
+    sample_from_checkpoint(args.ckpt, n=args.n, steps=args.steps, sigma=args.sigma,
                            seed=args.seed, em=args.em, batch_size=args.batch_size, device=args.device,
                            bf16=args.bf16, compile=args.compile, cuda_graph=args.cuda_graph,
                            out_png=args.out, out_npz=args.npz, nrow=args.nrow)
@@ -63,24 +63,6 @@ def cmd_sample(args) -> int:
         if p:
             print(f"wrote {p}")
     return 0
-
-
-def _ema_path(path: str) -> str:
-    """A run directory or checkpoint directory → its EMA weights file; a file is taken as is."""
-    from pathlib import Path
-
-    from .trainer import checkpoints
-    p = Path(path)
-    if p.is_dir() and (p / "checkpoints").is_dir():
-        ckpts = checkpoints(p)
-        if not ckpts:
-            raise FileNotFoundError(f"{path}: run directory without a complete checkpoint")
-        p = ckpts[-1]
-    if p.is_dir():
-        p = p / "ema.safetensors"
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file (give a run directory, a checkpoint directory or ema.safetensors)")
-    return str(p)
 
 
 def cmd_info(args) -> int:
@@ -104,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config field (repeatable), e.g. --set train.steps=1000")
     t.add_argument("--no-resume", action="store_true",
-                   help="start from step 0 even if the run directory holds checkpoints")
+                   help="start from step 0; a previous run's checkpoints and metrics in the run "
+                        "directory are moved to replaced-<time>/ first")
     t.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sample", help="sample images from a run's EMA drift (V_φ is never loaded)")
@@ -115,10 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nrow", type=int, default=None, help="images per grid row")
     s.add_argument("--steps", type=int, default=None, help="Euler–Maruyama steps (default: the run's sample.steps)")
     s.add_argument("--sigma", type=float, default=None, help="must equal the checkpoint's bridge.sigma if given")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--em", default="auto", choices=CHOICES["sample.em"])
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--seed", type=int, default=0, help="keys all sampling noise")
+    s.add_argument("--em", default="auto", choices=CHOICES["sample.em"],
+                   help="Euler–Maruyama step: the fused C++/CUDA op (ext), the PyTorch reference, or auto")
+    s.add_argument("--batch-size", type=int, default=64, help="images per batch (the images do not depend on it)")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     s.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     s.add_argument("--compile", action="store_true", help="torch.compile the drift net")
     s.add_argument("--cuda-graph", action="store_true", help="capture one step as a CUDA graph")
@@ -134,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except KeyboardInterrupt:  # Ctrl-C while sampling (training handles it itself): no traceback
+        print(f"agm-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into e.g. `head`, which exited: not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 1

@@ -98,7 +98,7 @@ class TrainConfig:
     precision: str = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     run_dir: str = "runs/default"      # checkpoints, logs, plots, samples
-    log_every: int = 10                # steps between console / metrics.jsonl lines
+    log_every: int = 10                # steps between log lines (console and train.log); metrics.jsonl gets every step
     sample_every: int = 500            # steps between sample grids, plus one at the end (0 = off)
     sample_grid: int = 64              # images in each grid
     eval_images: int = 256             # images for the end-of-run quality number (0 = off)
@@ -190,6 +190,9 @@ RANGES = {
 }
 
 
+INF_MEANS_OFF = ("weights.clip", "optim.grad_clip")
+
+
 # ----------------------------------------------------------------------------- introspection
 
 def _sections(cfg: Config):
@@ -257,8 +260,12 @@ def _parse_cli_value(text: str):
     low = text.strip().lower()
     if low in ("true", "false"):
         return low == "true"
-    if low in ("inf", "+inf", "infinity"):
+    if low in ("inf", "+inf", "infinity", "+infinity"):
         return math.inf
+    if low in ("-inf", "-infinity"):  # so that the range check, not "expected a number", refuses it
+        return -math.inf
+    if low == "nan":
+        return math.nan
     try:
         return json.loads(text)
     except (json.JSONDecodeError, ValueError):
@@ -308,6 +315,8 @@ def preset_path(name: str) -> Path:
     p = Path(name)
     if p.suffix == ".toml" and p.exists():
         return p
+    if p.suffix == ".toml":
+        raise ConfigError(f"preset file {name!r} does not exist")
     q = CONFIG_DIR / f"{name}.toml"
     if q.exists():
         return q
@@ -352,6 +361,9 @@ def validate(cfg: Config) -> None:
         v = _get(cfg, key)
         if isinstance(v, float) and math.isnan(v):
             raise ConfigError(f"{key} is NaN")
+        if isinstance(v, float) and math.isinf(v) and key not in INF_MEANS_OFF:
+            # e.g. optim.lr=inf trained NaN weights to the end and saved them as "done"
+            raise ConfigError(f"{key}={v!r} must be finite")
         bad_lo = lo is not None and (v < lo if lo_inc else v <= lo)
         bad_hi = hi is not None and (v > hi if hi_inc else v >= hi)
         if bad_lo or bad_hi:
@@ -371,6 +383,10 @@ def validate(cfg: Config) -> None:
                           "the sampler's last grid point must lie inside the trained t-range")
     if t.micro_batch and t.batch_size % t.micro_batch:
         raise ConfigError(f"train.micro_batch={t.micro_batch} must divide train.batch_size={t.batch_size}")
+    if cfg.data.channels not in (1, 3):
+        raise ConfigError(f"data.channels={cfg.data.channels!r}: expected 1 (grey) or 3 (RGB)")
+    if not t.run_dir.strip():  # "" would scatter checkpoints and logs over the working directory
+        raise ConfigError("train.run_dir must name a directory")
     if cfg.data.dataset == "folder" and not cfg.data.path:
         raise ConfigError("data.path must name an image folder when data.dataset=folder")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):

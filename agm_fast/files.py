@@ -8,6 +8,12 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+# mkstemp creates its file 0600, which the rename would keep: outputs others on the machine
+# could not read. New files get what open() would give them. Read once: umask can only be read
+# by setting it, which is not safe to do while other threads create files.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def atomic_write(path, write: Callable[[str], None]) -> Path:
     """Call write(tmp_path) on a temporary file in path's folder (created if needed), then
@@ -18,6 +24,7 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

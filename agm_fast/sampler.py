@@ -354,17 +354,38 @@ def _build_drift(path, meta: dict, device) -> nn.Module:
     return net.to(dispatch.resolve_device(device)).eval().requires_grad_(False)
 
 
+def ema_path(path) -> str:
+    """A run directory (its newest complete checkpoint) or a checkpoint directory → its
+    ema.safetensors; a file is taken as is."""
+    from pathlib import Path
+
+    from .trainer import checkpoints
+    p = Path(path)
+    if p.is_dir() and (p / "checkpoints").is_dir():
+        ckpts = checkpoints(p)
+        if not ckpts:
+            raise FileNotFoundError(f"{path}: run directory without a complete checkpoint")
+        p = ckpts[-1]
+    if p.is_dir():
+        p = p / "ema.safetensors"
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file (give a run directory, a checkpoint directory or ema.safetensors)")
+    return str(p)
+
+
 def sample_from_checkpoint(path, *, n: int, steps: int | None = None, sigma: float | None = None, seed: int = 0,
                            em: str = "auto", batch_size: int = 64, device="cpu", bf16: bool = False,
                            compile: bool = False, cuda_graph: bool = False, out_png=None, out_npz=None,
                            nrow: int | None = None, shape=None, progress: bool = True,
                            first_index: int = 0) -> torch.Tensor:
-    """Sample n images from a drift checkpoint; optionally write a PNG grid and/or a uint8 NHWC .npz.
+    """Sample n images from a drift checkpoint (a run directory, a checkpoint directory or an
+    ema.safetensors file); optionally write a PNG grid and/or a uint8 NHWC .npz.
 
     steps: None = the checkpoint config's sample.steps (else 200). sigma: None = the checkpoint's
     bridge.sigma; any other value is refused. shape: optional (C, H, W) to check against the
     checkpoint. All arguments are checked before the weights are loaded.
     """
+    path = ema_path(path)
     meta = read_drift_meta(path)
     ckpt_shape = checkpoint_image_shape(meta)
     if shape is not None and tuple(shape) != ckpt_shape:
@@ -379,6 +400,8 @@ def sample_from_checkpoint(path, *, n: int, steps: int | None = None, sigma: flo
     for out, suffix in ((out_png, ".png"), (out_npz, ".npz")):  # before hours of sampling, not after
         if out is not None:
             _check_output_path(out, suffix)
+    if out_png is not None and nrow is not None:
+        _check_nrow(nrow)
     net = _build_drift(path, meta, device)
     images = sample(net, n=n, shape=ckpt_shape, steps=steps, sigma=meta["sigma"], predicts=meta["predicts"],
                     t_min=meta["t_min"], t_eps=meta["t_eps"], seed=seed, em=em, batch_size=batch_size,
@@ -409,6 +432,11 @@ def _check_output_path(path, suffix: str) -> None:
         raise ValueError(f"{path}: folder {folder} is not writable")
 
 
+def _check_nrow(nrow) -> None:
+    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
+        raise ValueError(f"nrow must be an integer ≥ 1; got {nrow!r}")
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[N, C, H, W] in [-1, 1] → uint8 NHWC (values outside are clipped, NaN → 0)."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
@@ -426,8 +454,7 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int 
         raise ValueError(f"save_grid needs C = 1 (grey) or 3 (RGB) channels; got C={c}")
     if nrow is None:
         nrow = math.ceil(math.sqrt(n))
-    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
-        raise ValueError(f"nrow must be an integer ≥ 1; got {nrow!r}")
+    _check_nrow(nrow)
     cols, rows = min(nrow, n), math.ceil(n / nrow)
     grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), dtype=np.uint8)
     for i in range(n):

@@ -12,6 +12,7 @@ All noise is keyed by (seed, step, global sample index, stream) and the data ord
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -39,6 +40,11 @@ T_BINS = 4  # mean importance weight per t-bin: [0, .25), [.25, .5), [.5, .75), 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (diverged, bad checkpoint); the message says why and what is intact."""
+
+
+class _Interrupted(BaseException):
+    """SIGINT/SIGTERM after the final checkpoint. A BaseException so that no `except Exception`
+    on the way (image loading, plotting) mistakes it for a failure of its own."""
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -145,14 +151,23 @@ class Trainer:
             from .sampler import time_grid
             try:
                 time_grid(cfg.sample.steps, cfg.bridge.t_min, cfg.bridge.t_eps)
+                em_impl, _ = dispatch.resolve("sample.em", cfg.sample.em, self.device)
             except ValueError as e:
                 raise ConfigError(f"{e} (or set train.sample_every=0 and train.eval_images=0)") from None
+            if cfg.sample.cuda_graph and (self.device.type != "cuda" or em_impl != "ext"):
+                raise ConfigError(f"sample.cuda_graph=true needs a CUDA device and the fused op; here: "
+                                  f"{self.device}, sample.em → {em_impl}")
         self.kernels_impl, why = dispatch.resolve("train.kernels", t.kernels, self.device)
         log.info("train.kernels: %s (%s)", self.kernels_impl, why)
 
+        # data.num_images sizes the procedural set only: a folder is used whole (a cap of the
+        # default 20000 would silently drop most of CelebA)
         self.dataset = data.make_dataset(cfg.data.dataset, path=cfg.data.path or None,
                                          resolution=cfg.data.resolution, channels=cfg.data.channels,
-                                         num_images=cfg.data.num_images, seed=t.seed)
+                                         num_images=cfg.data.num_images if cfg.data.dataset == "shapes" else None,
+                                         seed=t.seed)
+        log.info("dataset: %s, %d images", cfg.data.path if cfg.data.dataset == "folder" else "shapes",
+                 len(self.dataset))
         torch.manual_seed(t.seed)
         self.drift = models.DriftUNet(**drift_arch(cfg)).to(self.device)
         self.potential = models.PotentialNet(**potential_arch(cfg)).to(self.device)
@@ -170,12 +185,18 @@ class Trainer:
         self.step = 0
         self.nonfinite = 0
         self.stop_signal: str | None = None
+        self._finishing = False
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            self._set_aside_previous_run()
         latest = self.latest_checkpoint() if resume else None
         if latest is not None:
             self.load_checkpoint(latest)
             log.info("resumed from %s at step %d", latest, self.step)
+            if self.step > t.steps:
+                log.warning("the checkpoint is past train.steps=%d: nothing to train (a new run needs another "
+                            "train.run_dir or --no-resume)", t.steps)
         elif t.init_from:
             self.init_from(t.init_from)
         self._truncate_metrics()
@@ -197,6 +218,26 @@ class Trainer:
                 "parameters": {"drift": self.n_drift, "potential": self.n_potential},
                 "drift_arch": drift_arch(self.cfg), "potential_arch": potential_arch(self.cfg)}
         atomic_write_text(self.run_dir / "run_info.json", json.dumps(info, indent=1) + "\n")
+
+    # what a run writes that a new run in the same directory would not all overwrite
+    RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "metrics.json", "samples", "samples.png", "loss.png")
+
+    def _set_aside_previous_run(self) -> None:
+        """--no-resume: move the previous run's outputs into replaced-<time>/. Left in place, an
+        older run's later checkpoints sort after the new run's, so keep_ckpts pruned the new
+        ones and sampling or resuming picked up the old model."""
+        old = [self.run_dir / name for name in self.RUN_OUTPUTS if (self.run_dir / name).exists()]
+        if not old:
+            return
+        dest = self.run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = dest.with_name(f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        dest.mkdir()
+        for p in old:
+            os.replace(p, dest / p.name)
+        log.warning("--no-resume: moved the previous run's %s to %s", ", ".join(p.name for p in old), dest)
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines past the resumed step (a killed run may have logged beyond its checkpoint)."""
@@ -222,6 +263,11 @@ class Trainer:
         from .sampler import save_drift
 
         final = self.ckpt_dir / f"{CKPT_PREFIX}{self.step:08d}"
+        if (final / "state.json").exists():
+            # Already saved at this step (a stop right after a periodic save, or a rerun of a
+            # finished run): the state is the same, and replacing it would open a window in which
+            # a kill leaves no checkpoint at this step.
+            return final
         tmp = self.ckpt_dir / (final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -245,7 +291,7 @@ class Trainer:
         for f in tmp.iterdir():  # data on disk before the rename makes it visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():
+        if final.exists():  # a directory without state.json: not a checkpoint
             shutil.rmtree(final)
         os.replace(tmp, final)
         for p in checkpoints(self.ckpt_dir)[: -self.cfg.train.keep_ckpts]:
@@ -281,8 +327,11 @@ class Trainer:
     def load_checkpoint(self, ckpt: Path) -> None:
         state = self._read_state(ckpt)
         try:
-            self._check_arch(ckpt, state["drift_arch"], drift_arch(self.cfg), "drift net")
-            self._check_arch(ckpt, state["potential_arch"], potential_arch(self.cfg), "potential net")
+            try:
+                self._check_arch(ckpt, state["drift_arch"], drift_arch(self.cfg), "drift net")
+                self._check_arch(ckpt, state["potential_arch"], potential_arch(self.cfg), "potential net")
+            except TrainingError as e:  # most often a new experiment pointed at an old run directory
+                raise TrainingError(f"{e}; to start a new run, give another train.run_dir or --no-resume") from None
             self._load_tensors(ckpt / "drift.safetensors", self.drift)
             self._load_tensors(ckpt / "potential.safetensors", self.potential)
             self._load_tensors(ckpt / "ema.safetensors", self.ema)
@@ -307,18 +356,22 @@ class Trainer:
             self._check_arch(src, state.get("drift_arch", {}), drift_arch(self.cfg), "drift net")
             self._load_tensors(src / "drift.safetensors", self.drift)
             self._load_tensors(src / "ema.safetensors", self.ema)
-            if state.get("potential_arch") == potential_arch(self.cfg):
+            potential = state.get("potential_arch") == potential_arch(self.cfg)
+            if potential:
                 self._load_tensors(src / "potential.safetensors", self.potential)
         elif src.suffix == ".safetensors" and src.exists():
             from .sampler import load_drift
             net, meta = load_drift(src, device=self.device)
-            self._check_arch(src, json.loads(meta["drift_arch"]), drift_arch(self.cfg), "drift net")
+            self._check_arch(src, meta["drift_arch"], drift_arch(self.cfg), "drift net")  # parsed already
             self.drift.load_state_dict(net.state_dict())
             self.ema.load_state_dict(net.state_dict())
+            potential = False
         else:
             raise TrainingError(f"train.init_from={source!r}: expected a run directory, a checkpoint "
                                 "directory or an EMA .safetensors file")
-        log.info("initialised weights from %s", src)
+        log.info("initialised weights from %s (%s)", src, "drift, EMA and V_φ" if potential else
+                 "drift and EMA; V_φ starts fresh: " + ("an EMA file holds none" if src.is_file()
+                                                        else "its architecture differs"))
 
     # ------------------------------------------------------------------ one iteration
     def _autocast(self):
@@ -414,6 +467,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def _on_signal(self, signum, frame):
         self.stop_signal = signal.Signals(signum).name
+        if self._finishing:  # training is over and checkpointed: stopping now loses nothing
+            raise _Interrupted()
 
     def run(self) -> dict:
         t = self.cfg.train
@@ -425,7 +480,12 @@ class Trainer:
             bar = tqdm(total=t.steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr)
         last_t = time.perf_counter()
         row = {}
+        # log lines above the bar instead of through it, so train.log gets them with the bar on
+        redirect = contextlib.ExitStack()
         try:
+            if bar is not None:
+                from tqdm.contrib.logging import logging_redirect_tqdm
+                redirect.enter_context(logging_redirect_tqdm(loggers=[log], tqdm_class=type(bar)))
             it = iter(self.loader)
             while self.step < t.steps and self.stop_signal is None:
                 step, indices, x1 = next(it)
@@ -451,7 +511,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(L_f=f"{row['loss_f']:.4f}", L_V=f"{row['loss_v']:.3f}", ess=f"{row['ess']:.1f}")
-                if self.step % t.log_every == 0 and bar is None:
+                if self.step % t.log_every == 0:
                     log.info("step %d  L_f %.4f  L_V %.4f  ESS %.1f  V gap %.3f  %.1f img/s", self.step,
                              row["loss_f"], row["loss_v"], row["ess"], row["v_gap"], row["img_per_s"])
                 if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
@@ -460,14 +520,23 @@ class Trainer:
                     self.write_samples()
                     self.write_plot()
             ckpt = self.save_checkpoint()
+            # From here a signal stops at once: the final grid and evaluation can take minutes,
+            # and rerunning the command redoes them from this checkpoint.
+            self._finishing = True
+            try:
+                if self.stop_signal is None:
+                    if t.sample_every:  # the final grid (sample_every=0 turns grids off)
+                        self.write_samples()
+                    self.write_plot()
+                    self.evaluate(row)
+            except _Interrupted:
+                self._finishing = False  # a second signal now would escape as a traceback
+                log.warning("%s received during the final samples/evaluation; training is complete", self.stop_signal)
             if self.stop_signal:
                 log.warning("%s received: checkpoint %s written at step %d; exiting", self.stop_signal, ckpt, self.step)
-            else:
-                if t.sample_every:  # the final grid (sample_every=0 turns grids off)
-                    self.write_samples()
-                self.write_plot()
-                self.evaluate(row)
         finally:
+            self._finishing = False
+            redirect.close()
             metrics_f.close()
             if bar is not None:
                 bar.close()
@@ -486,7 +555,8 @@ class Trainer:
                       steps=s.steps, sigma=cfg.bridge.sigma, predicts=cfg.model.predicts,
                       t_min=cfg.bridge.t_min, t_eps=cfg.bridge.t_eps, seed=s.seed if seed is None else seed,
                       em=s.em, batch_size=s.batch_size, device=self.device,
-                      bf16=s.bf16 and self.device.type == "cuda", progress=False)
+                      bf16=s.bf16 and self.device.type == "cuda", compile=s.compile, cuda_graph=s.cuda_graph,
+                      progress=False)
 
     def write_samples(self) -> Path:
         from .sampler import save_grid

@@ -23,6 +23,7 @@ def test_overrides_are_typed():
                                  "data.hflip=true", "bridge.sigma=0", "train.run_dir=/tmp/x"])
     assert cfg.train.steps == 7 and math.isinf(cfg.weights.clip) and cfg.model.channel_mult == [1, 2]
     assert cfg.data.hflip is True and cfg.bridge.sigma == 0.0 and cfg.train.run_dir == "/tmp/x"
+    assert math.isinf(config.load("demo32", ["optim.grad_clip=inf"]).optim.grad_clip)  # inf = off, like 0
 
 
 def test_round_trip_through_dict():
@@ -43,6 +44,13 @@ def test_round_trip_through_dict():
     ("potential.channels=[8,16]", r"potential.channels=\[8, 16\]: expected a list of exactly 3"),
     ("data.dataset=folder", r"data.path must name an image folder"),
     ("train.steps", r"must look like section.field=value"),
+    ("weights.clip=-inf", r"weights.clip=-inf is out of range"),
+    ("bridge.sigma=nan", r"bridge.sigma is NaN"),
+    ("data.channels=2", r"data.channels=2: expected 1 \(grey\) or 3 \(RGB\)"),
+    ("data.channels=4", r"data.channels=4: expected 1 \(grey\) or 3 \(RGB\)"),
+    ("train.run_dir=", r"train.run_dir must name a directory"),
+    ("optim.lr=inf", r"optim.lr=inf must be finite"),
+    ("bridge.sigma=inf", r"bridge.sigma=inf must be finite"),
 ])
 def test_bad_values_name_the_field(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -52,6 +60,8 @@ def test_bad_values_name_the_field(override, match):
 def test_bad_preset_and_bad_toml(tmp_path):
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         config.load("nope")
+    with pytest.raises(ConfigError, match="preset file .*missing.toml' does not exist"):
+        config.load(str(tmp_path / "missing.toml"))
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nsteps = = 3\n")
     with pytest.raises(ConfigError, match="not valid TOML"):

@@ -111,6 +111,15 @@ def test_sampler_deterministic_and_independent_of_batch_size():
     assert (e - a).abs().max() > 0.1
 
 
+def test_compiled_drift_gives_the_eager_images():
+    """sample(compile=True) (the trainer's sample.compile): torch.compile'd drift under inference
+    mode, same images. One batch shape, so one compilation (≈ 10 s on CPU)."""
+    net = _tiny()
+    kw = dict(n=2, shape=(3, 8, 8), steps=3, sigma=0.5, seed=2, batch_size=2, progress=False)
+    torch.testing.assert_close(sampler.sample(net, compile=True, **kw), sampler.sample(net, **kw),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_one_step_sampler_adds_no_noise():
     """steps=1 is only the last step: x0 + f(x0, 0)·1, no EM noise at all."""
     net = _tiny(c=1)
@@ -295,6 +304,40 @@ def test_checkpoint_errors(tmp_path, stand_in_net):
     with pytest.raises(ValueError, match="t_min"):
         sampler.sample_from_checkpoint(late, n=1, progress=False)
     assert sampler.sample_from_checkpoint(good, n=1, sigma=0.5, steps=2, progress=False).shape == (1, 3, 8, 8)
+
+
+def test_sample_from_a_run_or_checkpoint_directory(tmp_path, stand_in_net):
+    # what the README shows: sample_from_checkpoint("runs/demo", ...), as the CLI accepts it
+    net = _tiny()
+    for step in (1, 2):
+        ckpt = tmp_path / "run" / "checkpoints" / f"ckpt-{step:08d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "state.json").write_text("{}")
+        _save(ckpt / "ema.safetensors", _tiny(seed=step) if step == 1 else net)
+    want = sampler.sample_from_checkpoint(ckpt / "ema.safetensors", n=2, progress=False)
+    for path in (tmp_path / "run", ckpt, str(ckpt)):
+        torch.testing.assert_close(sampler.sample_from_checkpoint(path, n=2, progress=False), want)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        sampler.sample_from_checkpoint(tmp_path, n=1, progress=False)
+
+
+def test_bad_nrow_is_refused_before_sampling(tmp_path, stand_in_net, monkeypatch):
+    path = tmp_path / "ema.safetensors"
+    _save(path, _tiny())
+    monkeypatch.setattr(sampler, "sample", lambda *a, **k: pytest.fail("sampled before checking nrow"))
+    with pytest.raises(ValueError, match="nrow"):
+        sampler.sample_from_checkpoint(path, n=4, out_png=tmp_path / "g.png", nrow=0, progress=False)
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+    umask = os.umask(0o022)
+    os.umask(umask)
+    sampler.save_grid(torch.zeros(1, 3, 4, 4), tmp_path / "g.png")
+    sampler.save_npz(torch.zeros(1, 3, 4, 4), tmp_path / "s.npz")
+    for name in ("g.png", "s.npz"):  # not mkstemp's 0600: others may read what a run wrote
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask
 
 
 def test_save_grid_grey_and_bad_channels(tmp_path):

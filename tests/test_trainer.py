@@ -181,7 +181,8 @@ def test_nonfinite_losses_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
 
 def test_checkpoint_from_another_architecture_is_refused(tmp_path):
     Trainer(tiny(tmp_path, "train.steps=2")).run()
-    with pytest.raises(TrainingError, match=r"drift net architecture differs from this config \(channels: 8 there vs 16 here"):
+    with pytest.raises(TrainingError, match=r"drift net architecture differs from this config \(channels: 8 there vs 16 here"
+                                            r".*another train.run_dir or --no-resume"):
         Trainer(tiny(tmp_path, "train.steps=4", "model.channels=16"))
 
 
@@ -193,6 +194,111 @@ def test_fine_tune_from_a_run(tmp_path):
     for a, b in zip(ft.ema.parameters(), base.ema.parameters()):
         assert torch.equal(a, b)
     ft.run()
+
+
+def test_fine_tune_from_an_ema_file(tmp_path):
+    base = Trainer(tiny(tmp_path, "train.steps=2", name="base"))
+    base.run()
+    ema = base.latest_checkpoint() / "ema.safetensors"
+    ft = Trainer(tiny(tmp_path, "train.steps=1", f"train.init_from={ema}", name="ft"))
+    assert ft.step == 0
+    for a, b, c in zip(ft.drift.parameters(), ft.ema.parameters(), base.ema.parameters()):
+        assert torch.equal(a, c) and torch.equal(b, c)
+    with pytest.raises(TrainingError, match=r"drift net architecture differs.*channels: 8 there vs 16 here"):
+        Trainer(tiny(tmp_path, "train.steps=1", f"train.init_from={ema}", "model.channels=16", name="ft16"))
+
+
+def test_no_resume_sets_the_previous_run_aside(tmp_path):
+    old = tiny(tmp_path, "train.steps=6", "train.ckpt_every=2")
+    Trainer(old).run()
+    new = tiny(tmp_path, "train.steps=3", "train.ckpt_every=1")
+    Trainer(new, resume=False).run()
+    run = Path(new.train.run_dir)
+    # the old run's later ckpt-6 must neither prune the new checkpoints nor be taken for them
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000002", "ckpt-00000003"]
+    again = Trainer(new)
+    assert again.step == 3 and again.latest_checkpoint().name == "ckpt-00000003"
+    assert [r["step"] for r in read_metrics(run)] == [0, 1, 2]
+    (aside,) = run.glob("replaced-*")  # moved, not deleted
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["ckpt-00000004", "ckpt-00000006"]
+    assert len(read_metrics(aside)) == 6
+
+
+def test_folder_dataset_is_used_whole(tmp_path):
+    from PIL import Image
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("RGB", (16, 16), (50 * i, 0, 0)).save(folder / f"{i}.png")
+    # data.num_images sizes the procedural set; it must not cap a folder (celeba64 left it at 20000)
+    tr = Trainer(tiny(tmp_path, "data.dataset=folder", f"data.path={folder}", "data.num_images=2"))
+    assert len(tr.dataset) == 5
+
+
+def test_signal_during_the_final_evaluation_stops_at_once(tmp_path, monkeypatch):
+    import os
+    cfg = tiny(tmp_path, "train.steps=2", "train.eval_images=4")
+    tr = Trainer(cfg)
+    finished = []
+
+    def slow_evaluate(last):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(2)  # minutes in the demo; the signal must cut it short
+        finished.append(True)
+    monkeypatch.setattr(tr, "evaluate", slow_evaluate)
+    result = tr.run()
+    assert not finished
+    assert result["stopped_by"] == "SIGINT" and result["step"] == 2
+    assert result["checkpoint"].endswith("ckpt-00000002")
+
+
+def test_log_lines_reach_the_log_with_the_progress_bar_on(tmp_path):
+    import logging
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("agm_fast")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        Trainer(tiny(tmp_path, "train.steps=4", "train.progress=true", "train.log_every=2")).run()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    steps = [r.getMessage().split()[1] for r in records if r.getMessage().startswith("step ")]
+    assert steps == ["2", "4"]
+
+
+def test_a_saved_step_is_not_rewritten(tmp_path):
+    # rewriting meant rmtree + rename: a kill in between left no checkpoint at that step
+    tr = Trainer(tiny(tmp_path, "train.steps=2"))
+    tr.run()
+    ckpt = tr.latest_checkpoint()
+    before = (ckpt / "state.json").stat().st_ino
+    assert tr.save_checkpoint() == ckpt
+    assert (ckpt / "state.json").stat().st_ino == before
+
+
+def test_sample_settings_fail_before_training(tmp_path, monkeypatch):
+    from agm_fast.config import ConfigError
+    with pytest.raises(ConfigError, match="sample.cuda_graph"):
+        Trainer(tiny(tmp_path, "train.steps=1", "train.sample_every=1", "sample.cuda_graph=true"))
+    monkeypatch.setattr(dispatch, "_ext_status", lambda device: (False, "agm_fast._C is not built"))
+    with pytest.raises(ConfigError, match="sample.em=ext .*not built"):
+        Trainer(tiny(tmp_path, "train.steps=1", "train.sample_every=1", "sample.em=ext"))
+
+
+def test_cli_ctrl_c_while_sampling_is_one_line(tmp_path, capsys, monkeypatch):
+    from agm_fast import sampler
+    from agm_fast.cli import main
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sampler, "sample_from_checkpoint", interrupted)
+    assert main(["sample", str(tmp_path), "--out", str(tmp_path / "g.png")]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "agm-fast sample: interrupted", err
 
 
 @pytest.mark.parametrize("override,match", [
