@@ -239,6 +239,19 @@ class Trainer:
             os.replace(p, dest / p.name)
         log.warning("--no-resume: moved the previous run's %s to %s", ", ".join(p.name for p in old), dest)
 
+    def _check_weights_finite(self) -> None:
+        """Refuse to checkpoint NaN/Inf weights: an update with finite gradients can still diverge
+        (e.g. a far too large optim.lr with clipping off), and a checkpoint of it would be named the
+        last good one. One device sync per save."""
+        nets = {"drift": self.drift, "EMA drift": self.ema, "potential": self.potential}
+        finite = torch.stack([torch.stack([p.detach().isfinite().all() for p in net.parameters()]).all()
+                              for net in nets.values()]).tolist()
+        bad = [name for name, ok in zip(nets, finite) if not ok]
+        if bad:
+            raise TrainingError(f"step {self.step}: the {' and '.join(bad)} weights hold NaN/Inf (training diverged; "
+                                f"try a smaller optim.lr or optim.grad_clip > 0); not saved; last good checkpoint: "
+                                f"{self.latest_checkpoint() or 'none'}")
+
     def _truncate_metrics(self) -> None:
         """Drop metric lines past the resumed step (a killed run may have logged beyond its checkpoint)."""
         path = self.run_dir / "metrics.jsonl"
@@ -268,6 +281,7 @@ class Trainer:
             # finished run): the state is the same, and replacing it would open a window in which
             # a kill leaves no checkpoint at this step.
             return final
+        self._check_weights_finite()
         tmp = self.ckpt_dir / (final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

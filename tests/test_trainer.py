@@ -179,6 +179,20 @@ def test_nonfinite_losses_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     assert again.step == 4
 
 
+def test_diverged_weights_are_never_checkpointed(tmp_path):
+    """Finite losses can still leave non-finite weights (a huge step): the save refuses them and
+    names the last good checkpoint, which stays the newest."""
+    tr = Trainer(tiny(tmp_path, "train.steps=2"))
+    tr.run()
+    with torch.no_grad():
+        next(tr.drift.parameters()).view(-1)[0] = float("inf")
+    tr.step = 3
+    with pytest.raises(TrainingError, match=r"step 3: the drift weights hold NaN/Inf .*last good checkpoint: "
+                                            r".*ckpt-00000002"):
+        tr.save_checkpoint()
+    assert [p.name for p in (Path(tr.run_dir) / "checkpoints").iterdir()] == ["ckpt-00000002"]
+
+
 def test_checkpoint_from_another_architecture_is_refused(tmp_path):
     Trainer(tiny(tmp_path, "train.steps=2")).run()
     with pytest.raises(TrainingError, match=r"drift net architecture differs from this config \(channels: 8 there vs 16 here"
