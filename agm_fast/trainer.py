@@ -593,10 +593,14 @@ class Trainer:
                 ref_set = data.make_dataset("shapes", resolution=cfg.data.resolution, channels=cfg.data.channels,
                                             num_images=n, seed=cfg.train.seed + 1)
                 result["reference_images"] = f"{n} held-out procedural images"
-            else:
+                picked = range(n)
+            else:  # a seeded random subset: a folder's sorted order often groups images by class or source
                 ref_set = self.dataset
-                result["reference_images"] = f"{min(n, len(ref_set))} training images (no held-out split)"
-            ref = torch.stack([ref_set[i] for i in range(min(n, len(ref_set)))])
+                g = torch.Generator().manual_seed(cfg.train.seed)
+                picked = sorted(torch.randperm(len(ref_set), generator=g)[:n].tolist())
+                result["reference_images"] = (f"{len(picked)} training images, a seeded random subset "
+                                              "(no held-out split)")
+            ref = torch.stack([ref_set[i] for i in picked])
             torch.manual_seed(cfg.train.seed)
             untrained = models.DriftUNet(**drift_arch(cfg)).to(self.device).eval()
             trained_images = self.sample_ema(len(ref), seed=cfg.sample.seed + 1)

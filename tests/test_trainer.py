@@ -193,6 +193,32 @@ def test_diverged_weights_are_never_checkpointed(tmp_path):
     assert [p.name for p in (Path(tr.run_dir) / "checkpoints").iterdir()] == ["ckpt-00000002"]
 
 
+def test_folder_evaluation_uses_a_seeded_random_subset(tmp_path, monkeypatch):
+    """metrics.json's reference images for a folder: not the first files in sorted order (often one
+    class or source), the same subset for the same seed."""
+    from PIL import Image
+
+    from agm_fast import metrics
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(12):  # image i is the constant grey level 20·i: which images were used is visible
+        Image.new("RGB", (16, 16), (20 * i,) * 3).save(folder / f"{i:02d}.png")
+    refs = []
+
+    def record(images, ref, *args, **kw):
+        refs.append(ref)
+        return 0.0
+    monkeypatch.setattr(metrics, "sliced_wasserstein", record)
+    cfg = tiny(tmp_path, "train.steps=1", "data.dataset=folder", f"data.path={folder}", "train.eval_images=4",
+               "sample.steps=2", "bridge.t_eps=0.5")
+    Trainer(cfg).run()
+    levels = sorted(round(float((img[0, 0, 0] + 1) * 127.5) / 20) for img in refs[0])
+    assert len(levels) == 4 and len(set(levels)) == 4 and levels != [0, 1, 2, 3], levels
+    assert torch.equal(refs[0], refs[1])  # trained and untrained nets are scored on the same images
+    result = json.loads((Path(cfg.train.run_dir) / "metrics.json").read_text())
+    assert result["reference_images"] == "4 training images, a seeded random subset (no held-out split)"
+
+
 def test_checkpoint_from_another_architecture_is_refused(tmp_path):
     Trainer(tiny(tmp_path, "train.steps=2")).run()
     with pytest.raises(TrainingError, match=r"drift net architecture differs from this config \(channels: 8 there vs 16 here"
