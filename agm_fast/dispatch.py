@@ -13,6 +13,7 @@ import sys
 import torch
 
 from . import bridge
+from .config import check_choice
 
 log = logging.getLogger("agm_fast")
 
@@ -62,16 +63,14 @@ def resolve(switch: str, requested: str, device: torch.device) -> tuple[str, str
         fast, status = "ext", _ext_status
     else:
         raise ValueError(f"unknown switch {switch!r}")
-    if requested == "torch":
+    if check_choice(switch, requested) == "torch":
         return "torch", "reference PyTorch implementation (requested)"
     ok, why = status(device)
     if requested == fast:
         if not ok:
             raise UnavailableError(f"{switch}={fast} was requested but cannot run on {device}: {why}")
         return fast, why
-    if requested != "auto":
-        raise ValueError(f"{switch}={requested!r} is not allowed; choose one of: auto, torch, {fast}")
-    if ok and device.type == "cuda":
+    if ok and device.type == "cuda":  # requested == "auto" from here
         return fast, why
     if ok and fast == "ext":  # the C++ CPU op is a real fast path on CPU too
         return fast, why

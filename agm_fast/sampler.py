@@ -59,7 +59,7 @@ def em_step(x: torch.Tensor, drift: torch.Tensor, *, dt: float, sigma: float, se
     image_index: int b0 (row b has global index b0 + b) or an int64 tensor [B] on x's device.
     impl: 'torch' (reference), 'ext' (agm_fast._C; an error if it cannot run), 'auto'.
     """
-    impl, _ = dispatch.resolve("sample.em", check_choice("sample.em", impl), x.device)
+    impl, _ = dispatch.resolve("sample.em", impl, x.device)
     return _em_step_resolved(impl, x, drift, dt=dt, sigma=sigma, seed=seed, step=step, image_index=image_index,
                              last=last)
 
@@ -144,7 +144,6 @@ def sample(drift_fn, *, n: int, shape, steps: int = DEFAULT_STEPS, sigma: float,
     memory that each replay advances) and replay it N−1 times; the noiseless last step runs eagerly.
     """
     shape = _check_sample_args(n, shape, sigma, predicts, seed, batch_size, first_index)
-    check_choice("sample.em", em)
     time_grid(steps, t_min, t_eps)  # validates steps and the trained range
     device = dispatch.resolve_device(device)
     impl, _ = dispatch.resolve("sample.em", em, device)
