@@ -356,15 +356,8 @@ def _build_drift(path, meta: dict, device) -> nn.Module:
 def ema_path(path) -> str:
     """A run directory (its newest complete checkpoint) or a checkpoint directory → its
     ema.safetensors; a file is taken as is."""
-    from pathlib import Path
-
-    from .trainer import checkpoints
-    p = Path(path)
-    if p.is_dir() and (p / "checkpoints").is_dir():
-        ckpts = checkpoints(p)
-        if not ckpts:
-            raise FileNotFoundError(f"{path}: run directory without a complete checkpoint")
-        p = ckpts[-1]
+    from .trainer import newest_checkpoint
+    p = newest_checkpoint(path)
     if p.is_dir():
         p = p / "ema.safetensors"
     if not p.exists():

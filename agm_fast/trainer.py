@@ -100,6 +100,17 @@ def checkpoints(run_or_ckpt_dir: Path) -> list[Path]:
                   and not p.name.endswith(".tmp") and (p / "state.json").exists())
 
 
+def newest_checkpoint(path) -> Path:
+    """A run directory → its newest complete checkpoint directory; any other path as given."""
+    p = Path(path)
+    if p.is_dir() and (p / "checkpoints").is_dir():
+        done = checkpoints(p)
+        if not done:
+            raise FileNotFoundError(f"{path}: run directory without a complete checkpoint")
+        return done[-1]
+    return p
+
+
 # ----------------------------------------------------------------------------- optimiser state I/O
 # Optimiser state goes to safetensors + JSON so that loading never unpickles anything.
 
@@ -229,11 +240,11 @@ class Trainer:
         old = [self.run_dir / name for name in self.RUN_OUTPUTS if (self.run_dir / name).exists()]
         if not old:
             return
-        dest = self.run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-        n = 1
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dest, n = self.run_dir / f"replaced-{stamp}", 1
         while dest.exists():
             n += 1
-            dest = dest.with_name(f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+            dest = self.run_dir / f"replaced-{stamp}-{n}"
         dest.mkdir()
         for p in old:
             os.replace(p, dest / p.name)
@@ -359,12 +370,10 @@ class Trainer:
 
     def init_from(self, source: str) -> None:
         """Fine-tuning start: weights (drift, EMA and, from a checkpoint dir, V_φ); fresh optimisers, step 0."""
-        src = Path(source)
-        if src.is_dir() and (src / "checkpoints").is_dir():  # a run directory: its latest checkpoint
-            ckpts = checkpoints(src)
-            if not ckpts:
-                raise TrainingError(f"train.init_from={source!r}: the run has no complete checkpoint")
-            src = ckpts[-1]
+        try:
+            src = newest_checkpoint(source)
+        except FileNotFoundError as e:
+            raise TrainingError(f"train.init_from: {e}") from None
         if src.is_dir():
             state = self._read_state(src)
             self._check_arch(src, state.get("drift_arch", {}), drift_arch(self.cfg), "drift net")
