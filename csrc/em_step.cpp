@@ -26,7 +26,6 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -178,15 +177,26 @@ void em_step_cpu_kernel(at::Tensor& x, const at::Tensor& drift_c, const float* z
   });
 }
 
+// f(T{}) for the storage type T of t (fp32, bf16 or fp16; check_common has rejected the others).
+template <typename F>
+void with_storage_type(at::ScalarType t, F&& f) {
+  if (t == at::kBFloat16) {
+    f(c10::BFloat16());
+  } else if (t == at::kHalf) {
+    f(c10::Half());
+  } else {
+    f(float());
+  }
+}
+
 void em_step_cpu_dispatch(at::Tensor& x, const at::Tensor& drift, const float* z, EmNoiseFn normals,
                           const int64_t* image_index, uint32_t step, float dt, float noise_scale, uint32_t k0,
                           uint32_t k1, int mode) {
   const at::Tensor drift_c = drift.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "em_step_cpu_x", [&] {
-    using TX = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, drift_c.scalar_type(), "em_step_cpu_drift", [&] {
-      using TD = scalar_t;
-      em_step_cpu_kernel<TX, TD>(x, drift_c, z, normals, image_index, step, dt, noise_scale, k0, k1, mode);
+  with_storage_type(x.scalar_type(), [&](auto x_tag) {
+    with_storage_type(drift_c.scalar_type(), [&](auto drift_tag) {
+      em_step_cpu_kernel<decltype(x_tag), decltype(drift_tag)>(x, drift_c, z, normals, image_index, step, dt,
+                                                               noise_scale, k0, k1, mode);
     });
   });
 }
@@ -248,18 +258,6 @@ struct Storage<c10::Half> {
 }  // namespace agm
 
 namespace {
-
-// f(T{}) for the storage type T of t (fp32, bf16 or fp16; check_common has rejected the others).
-template <typename F>
-void with_storage_type(at::ScalarType t, F&& f) {
-  if (t == at::kBFloat16) {
-    f(c10::BFloat16());
-  } else if (t == at::kHalf) {
-    f(c10::Half());
-  } else {
-    f(float());
-  }
-}
 
 // Every thread index of the CUDA grid in turn (the kernel has no shared memory or barriers, so
 // running its threads one after another gives what the GPU gives), with the launcher's vector choice.
