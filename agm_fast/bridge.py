@@ -1,7 +1,12 @@
-"""Reference math of AGM (DESIGN.md §1): pure PyTorch, fp32 unless the inputs are fp64.
+"""Reference math of AGM (docs/design.md §1): pure PyTorch, fp32 unless the inputs are fp64.
 
-Every fast path (agm_fast.kernels, agm_fast._C) is tested against these functions. Time runs
-t ∈ [0, 1]: x0 ~ N(0, I) at t = 0, data x1 ∈ [-1, 1] at t = 1.
+Owns the bridge (sampling x_t, the drift target, the drift implied by a prediction), the
+potential's negatives and hinge loss, the importance weights and the weighted drift loss with
+its LossOutput. Every fast path (agm_fast.kernels, agm_fast._C) is tested against these
+functions. Time runs t ∈ [0, 1]: x0 ~ N(0, I) at t = 0, data x1 ∈ [-1, 1] at t = 1.
+Hyperparameters (σ, predicts, scheme, favour, τ, clip, patch) have no defaults here: the
+config is the one place with defaults. Choice arguments are checked at the public functions
+(agm_fast.checks); tensors are trusted.
 """
 
 from __future__ import annotations
@@ -11,15 +16,9 @@ from typing import NamedTuple
 
 import torch
 
-from . import rng
-from .config import check_choice
+from . import checks, rng
 
-
-def check_sigma(sigma) -> float:
-    """σ of the bridge as a float: finite and ≥ 0 (σ = 0: deterministic bridge / probability-flow ODE)."""
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
-        raise ValueError(f"sigma must be a finite float >= 0, got {sigma!r}")
-    return float(sigma)
+check_sigma = checks.sigma  # old name, kept until its callers use agm_fast.checks.sigma
 
 
 def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -62,7 +61,7 @@ def drift_target(x1: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: torch
 def drift_from_prediction(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                           predicts: str) -> torch.Tensor:
     """The drift implied by the network output: itself, or (x̂1 - x_t)/(1 - t) for predicts=x1."""
-    if check_choice("model.predicts", predicts) == "drift":
+    if checks.one_of("predicts", predicts, checks.PREDICTS) == "drift":
         return pred
     return (pred - x_t) / (1 - _bcast(t, x_t))
 
@@ -70,7 +69,7 @@ def drift_from_prediction(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
 # ----------------------------------------------------------------------------- the potential
 
 def negatives(x1: torch.Tensor, kind: str, seed: int, step: int, sample_index,
-              patch: int = 4) -> torch.Tensor:
+              patch: int) -> torch.Tensor:
     """Structure-destroyed copies of x1 for the degenerate bridge x_t⁻ (NEGATIVES stream).
 
     pixel_shuffle: one random permutation of pixel positions per image, shared by its
@@ -78,7 +77,7 @@ def negatives(x1: torch.Tensor, kind: str, seed: int, step: int, sample_index,
     patch_shuffle: the same on non-overlapping patch×patch tiles (a remainder strip stays).
     noise: Gaussian noise with each image's per-channel mean and std.
     """
-    check_choice("potential.negatives", kind)
+    checks.one_of("kind of negatives", kind, checks.NEGATIVES)
     b, c, h, w = x1.shape
     if kind == "pixel_shuffle":
         u = rng.uniform(seed, step, sample_index, rng.Stream.NEGATIVES, x1.device, numel=h * w)
@@ -112,16 +111,21 @@ def potential_hinge_loss(v_pos: torch.Tensor, v_neg: torch.Tensor, margin: float
     return torch.relu(margin + v_pos - v_neg).mean()
 
 
-def importance_weights(v: torch.Tensor, scheme: str = "softmax", favour: str = "coherent",
-                       tau: float = 1.0, clip: float = 2.0) -> torch.Tensor:
+def importance_weights(v: torch.Tensor, *, scheme: str, favour: str, tau: float,
+                       clip: float) -> torch.Tensor:
     """Stop-gradient importance weights from the batch's potentials (fp32, mean exactly 1).
 
     s = clamp(standardise(sg[V]), -c, c) with the population std (s = 0 for B = 1 or equal V);
     w = B·softmax(∓s/τ): − favours coherent (low-V) bridges, + degenerate ones (focal-style).
     max/min ≤ e^(2c/τ). clip = inf turns clipping off. scheme=uniform gives w ≡ 1.
     """
-    check_choice("weights.scheme", scheme)
-    check_choice("weights.favour", favour)
+    checks.one_of("scheme", scheme, checks.SCHEMES)
+    checks.one_of("favour", favour, checks.FAVOURS)
+    return _importance_weights(v, scheme, favour, tau, clip)
+
+
+def _importance_weights(v: torch.Tensor, scheme: str, favour: str, tau: float, clip: float) -> torch.Tensor:
+    """importance_weights for checked choices."""
     v = v.detach().to(torch.float32).reshape(-1)
     b = v.numel()
     if scheme == "uniform":
@@ -152,9 +156,8 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, w: torch.Tensor,
 
 
 def weighted_bridge_loss(pred: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
-                         *, seed: int, step: int, sample_index, sigma: float,
-                         predicts: str = "drift", scheme: str = "softmax",
-                         favour: str = "coherent", tau: float = 1.0, clip: float = 2.0,
+                         *, seed: int, step: int, sample_index, sigma: float, predicts: str,
+                         scheme: str, favour: str, tau: float, clip: float,
                          v_offset: int = 0, normalizer: float | None = None) -> LossOutput:
     """Reference of the fused loss: the drift loss of a chunk of the optimiser batch.
 
@@ -163,9 +166,11 @@ def weighted_bridge_loss(pred: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, 
     stores them. normalizer defaults to B (a plain weighted mean over the chunk); the trainer
     passes its per-rank batch size so that micro-batch losses add up to the batch mean.
     """
-    check_choice("model.predicts", predicts)
+    checks.one_of("predicts", predicts, checks.PREDICTS)
+    checks.one_of("scheme", scheme, checks.SCHEMES)
+    checks.one_of("favour", favour, checks.FAVOURS)
     b = pred.shape[0]
-    w_all = importance_weights(v, scheme, favour, tau, clip)
+    w_all = _importance_weights(v, scheme, favour, tau, clip)
     w = w_all[v_offset: v_offset + b].to(pred.device)
     if predicts == "drift":
         x0, eps = draw_bridge_noise(seed, step, sample_index, x1.shape, x1.device)

@@ -94,7 +94,7 @@ def weighted_bridge_loss(impl: str, pred, x1, t, v, **kw) -> bridge.LossOutput:
     """The AGM drift loss (paper Eq. 13) of one chunk; see bridge.weighted_bridge_loss."""
     if impl == "triton":
         from agm_fast import kernels
-        return kernels.weighted_bridge_loss(pred, x1, t, v, validate=False, **kw)
+        return bridge.LossOutput(*kernels.weighted_bridge_loss(pred, x1, t, v, validate=False, **kw))
     return bridge.weighted_bridge_loss(pred, x1, t, v, **kw)
 
 

@@ -1,9 +1,11 @@
 """Counter-based noise: Philox4x32-10 normals keyed by (seed, step, global sample index, stream).
 
 Every random number the trainer and sampler use is a pure function of its key, so results do
-not depend on world size, micro-batching or how many kernels ran before (DESIGN.md §1 "Noise").
-The Triton kernels (`agm_fast.kernels`) and the C++/CUDA op (`agm_fast._C`) draw the same
-stream in-kernel; this file is the definition they are tested against.
+not depend on world size, micro-batching or how many kernels ran before (docs/design.md §1
+"Noise"). The Triton kernels (`agm_fast.kernels`) and the C++/CUDA op (`agm_fast._C`) draw the
+same stream in-kernel; this file owns the definition they are tested against: the Philox
+constants, the stream numbers, the key layout and the reference generators. The checks of the
+key parts (seed, step, sample indices) live in agm_fast.checks.
 
 Layout of one Philox call (Random123 philox4x32-10):
     key     = (seed & 0xffffffff, seed >> 32)
@@ -20,7 +22,8 @@ from enum import IntEnum
 
 import torch
 
-MASK32 = 0xFFFFFFFF
+from . import checks
+from .checks import MASK32
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9
@@ -43,17 +46,9 @@ class Stream(IntEnum):
 
 
 def split_seed(seed: int) -> tuple[int, int]:
-    """A seed in [0, 2⁶⁴) → the two Philox key words (lo, hi)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 or seed >= 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    """A seed in [0, 2⁶⁴) (checked) → the two Philox key words (lo, hi)."""
+    seed = checks.seed(seed)
     return seed & MASK32, (seed >> 32) & MASK32
-
-
-def check_step(step: int) -> int:
-    """A step word (training step or EM step index k): an integer in [0, 2³²)."""
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MASK32:
-        raise ValueError(f"step must be an integer in [0, 2**32), got {step!r}")
-    return step
 
 
 def _mulhilo(m: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,15 +86,6 @@ def box_muller(ra: torch.Tensor, rb: torch.Tensor) -> tuple[torch.Tensor, torch.
     return radius * torch.cos(theta), radius * torch.sin(theta)
 
 
-def _sample_index(sample_index, device) -> torch.Tensor:
-    idx = torch.as_tensor(sample_index, dtype=torch.int64, device=device).reshape(-1)
-    # checked on the CPU only: on a GPU the check would cost a device sync per draw; the
-    # trainer and sampler build their indices on the CPU side where they are checked once
-    if idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) > MASK32):
-        raise ValueError("global sample indices must lie in [0, 2**32)")
-    return idx
-
-
 def normal(seed: int, step: int, sample_index, numel: int, stream: Stream,
            device: torch.device | str = "cpu") -> torch.Tensor:
     """Standard normals, shape [len(sample_index), numel], fp32.
@@ -108,7 +94,11 @@ def normal(seed: int, step: int, sample_index, numel: int, stream: Stream,
     samples [0, 2b) equal those of [0, b) followed by [b, 2b).
     """
     k0, k1 = split_seed(seed)
-    idx = _sample_index(sample_index, device)
+    return _normal(k0, k1, step, checks.sample_index(sample_index, None, device), numel, stream)
+
+
+def _normal(k0: int, k1: int, step: int, idx: torch.Tensor, numel: int, stream: Stream) -> torch.Tensor:
+    """normal() for checked key words and indices."""
     nblocks = (numel + 3) // 4
     blocks = torch.arange(nblocks, dtype=torch.int64, device=idx.device)
     r0, r1, r2, r3 = philox4x32(blocks[None, :], idx[:, None], step, int(stream), k0, k1)
@@ -122,7 +112,7 @@ def uniform(seed: int, step: int, sample_index, stream: Stream,
             device: torch.device | str = "cpu", numel: int = 1) -> torch.Tensor:
     """Uniforms in (0, 1], shape [len(sample_index), numel] fp32 (lane i%4 of block i//4)."""
     k0, k1 = split_seed(seed)
-    idx = _sample_index(sample_index, device)
+    idx = checks.sample_index(sample_index, None, device)
     nblocks = (numel + 3) // 4
     blocks = torch.arange(nblocks, dtype=torch.int64, device=idx.device)
     words = philox4x32(blocks[None, :], idx[:, None], step, int(stream), k0, k1)
@@ -132,9 +122,7 @@ def uniform(seed: int, step: int, sample_index, stream: Stream,
 
 def normal_like(shape: tuple[int, ...], seed: int, step: int, sample_index, stream: Stream,
                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """Normals shaped [B, *shape[1:]] where B = len(sample_index); shape[0] is checked."""
-    numel = math.prod(shape[1:])
-    z = normal(seed, step, sample_index, numel, stream, device)
-    if z.shape[0] != shape[0]:
-        raise ValueError(f"{z.shape[0]} sample indices for a batch of {shape[0]}")
-    return z.reshape(shape)
+    """Normals shaped `shape` = [B, ...]; sample_index must hold B global sample indices."""
+    k0, k1 = split_seed(seed)
+    idx = checks.sample_index(sample_index, shape[0], device)
+    return _normal(k0, k1, step, idx, math.prod(shape[1:]), stream).reshape(shape)

@@ -1,4 +1,4 @@
-"""Benchmark of the fused Euler–Maruyama op and the sampler (issue 5, DESIGN.md §7).
+"""Benchmark of the fused Euler–Maruyama op and the sampler (issue 5, docs/design.md §7).
 
 1. The op (agm_fast._C, noise drawn in-op) vs eager PyTorch (separate mul / add / randn, and the
    reference step with agm_fast.rng noise), in GB/s and as % of the copy bandwidth measured in the

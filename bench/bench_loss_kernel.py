@@ -32,12 +32,15 @@ if not torch.cuda.is_available():  # Triton runs on CPU only in interpreter mode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import copy_bandwidth_gbps, device_name, time_ms, write_results  # noqa: E402
 
-from agm_fast import bridge  # noqa: E402
+from agm_fast import bridge, config  # noqa: E402
 from agm_fast import kernels as K  # noqa: E402
 
 SHAPES = [(64, 3, 64, 64), (128, 3, 64, 64), (256, 3, 64, 64), (32, 3, 256, 256), (128, 3, 256, 256)]
 QUICK_SHAPES = [(32, 3, 256, 256), (128, 3, 256, 256), (64, 3, 64, 64)]
 SEED, STEP, SIGMA = 1234, 7, 0.5
+# the loss hyperparameters at the config's defaults (the ops have none of their own)
+_W = config.WeightsConfig()
+LOSS_KW = dict(predicts=config.ModelConfig().predicts, scheme=_W.scheme, favour=_W.favour, tau=_W.tau, clip=_W.clip)
 
 
 def make_inputs(shape, dtype, device):
@@ -53,7 +56,7 @@ def make_inputs(shape, dtype, device):
 
 def reference_loss(pred, x1, t, v, idx):
     return bridge.weighted_bridge_loss(pred, x1, t, v, seed=SEED, step=STEP, sample_index=idx,
-                                       sigma=SIGMA).loss
+                                       sigma=SIGMA, **LOSS_KW).loss
 
 
 def loss_step(loss_fn, pred, x1, t, v, idx):
@@ -62,8 +65,9 @@ def loss_step(loss_fn, pred, x1, t, v, idx):
 
 
 def kernel_loss(pred, x1, t, v, idx, validate=False):
-    return K.weighted_bridge_loss(pred, x1, t, v, seed=SEED, step=STEP, sample_index=idx, sigma=SIGMA,
-                                  validate=validate).loss
+    loss, _per_sample, _weights = K.weighted_bridge_loss(pred, x1, t, v, seed=SEED, step=STEP, sample_index=idx,
+                                                         sigma=SIGMA, validate=validate, **LOSS_KW)
+    return loss
 
 
 def reference_bridge(x1, t, idx):

@@ -1,4 +1,4 @@
-"""Shared helpers of the bench/ scripts: device description, timing, results files (DESIGN.md §7)."""
+"""Shared helpers of the bench/ scripts: device description, timing, results files (docs/design.md §7)."""
 
 from __future__ import annotations
 

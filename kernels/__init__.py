@@ -1,12 +1,17 @@
-"""Triton kernels of agm_fast, imported as agm_fast.kernels (DESIGN.md §3).
+"""Triton kernels of agm_fast, imported as agm_fast.kernels (docs/design.md §3).
 
     bridge_sample(x1, t, *, seed, step, sample_index, sigma) -> x_t
     weighted_bridge_loss(pred, x1, t, v, *, seed, step, sample_index, sigma, predicts, scheme,
-                         favour, tau, clip, v_offset, normalizer) -> bridge.LossOutput
+                         favour, tau, clip, v_offset, normalizer) -> (loss, per_sample, weights)
     noise_sum(seed, step, sample_index, n_per_sample) -> [B]   (noise-only cost limit, bench)
 
 Each mirrors its pure-PyTorch reference in agm_fast.bridge and draws x0, ε in-kernel from the
-agm_fast.rng Philox stream. available() says whether the Triton path runs natively (CUDA);
+agm_fast.rng Philox stream. Modules: bridge_sample and weighted_bridge_loss (kernels, launch,
+wrapper), philox (in-kernel Philox/Box–Muller, the noise-only kernel), utils (launch helpers and
+argument checks), compile_check (ahead-of-time compilation for sm_80/sm_90). The kernels import
+only agm_fast.rng, agm_fast.checks and each other (docs/design.md §4).
+
+This file says whether they run: available() whether the Triton path runs natively (CUDA);
 interpreter_active() whether it was built for Triton's CPU interpreter (TRITON_INTERPRET=1 set
 before import), where it runs on CPU tensors for tests. This package imports without triton.
 """
@@ -22,7 +27,7 @@ except ImportError as _e:  # the reference path keeps working without triton
     _TRITON_ERROR = f"triton is not installed ({_e})"
 else:
     _TRITON_ERROR = None
-    from . import philox
+    from . import philox, utils
     from .bridge_sample import bridge_sample
     from .philox import noise_sum
     from .weighted_bridge_loss import weighted_bridge_loss
@@ -34,7 +39,7 @@ def interpreter_active() -> bool:
     """Whether the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
     if _triton is None:
         return False
-    return philox.is_interpreted(philox._noise_sum_kernel)
+    return utils.is_interpreted(philox._noise_sum_kernel)
 
 
 def available() -> tuple[bool, str]:

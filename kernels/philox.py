@@ -6,7 +6,7 @@ The layout (defined in agm_fast/rng.py, the reference these are tested against):
 One call gives four uint32 words r0..r3; Box–Muller turns (r0, r1) into normals 0, 1 and
 (r2, r3) into normals 2, 3, so element e of a sample is lane e % 4 of draw e // 4. The kernels
 here draw a block of 4·Q elements as Q Philox calls and interleave the four lanes, so every
-output of every draw is used (DESIGN.md §8: these kernels are bound by Philox + Box–Muller).
+output of every draw is used (docs/design.md §8: these kernels are bound by Philox + Box–Muller).
 
 Uniforms u = (r + 0.5)·2⁻³² in fp32 are bit-identical to the reference (an exact uint→fp32
 rounding, one fp32 add, an exact scaling). Normals agree to float tolerance: log/sin/cos come
@@ -15,8 +15,9 @@ tl.log/sin/cos for fp32 to accurate polynomial code, not the MUFU approximations
 shows). sqrt is the correctly rounded tl.sqrt_rn: tl.sqrt is sqrt.approx on GPU, and an
 approximate log or sqrt near u = 1 would put 1e-4-sized errors into normals near 0.
 
-Also here: the noise-only kernel, which draws exactly the normals the fused loss draws (streams
-X0 and EPS) and only reduces them: the Philox/Box–Muller cost limit the benchmark reports.
+Also here: the noise-only kernel and its wrapper noise_sum, which draw exactly the normals the
+fused loss draws (streams X0 and EPS) and only reduce them: the Philox/Box–Muller cost limit
+the benchmark reports. Launch helpers are in kernels/utils.py.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import triton
 import triton.language as tl
 
 from agm_fast import rng
+
+from . import utils
 
 # Philox4x32 constants (Random123); values ≥ 2³¹ become uint32 in Triton arithmetic.
 PHILOX_M0 = tl.constexpr(rng.PHILOX_M0)
@@ -108,24 +111,6 @@ def key_words(seed_lo, seed_hi, step, sample_index_ptr, b):
     return k0, k1, step_u32, sample
 
 
-@triton.jit
-def to_output_dtype(x, out_ptr, BF16_RNE_BY_BITS: tl.constexpr):
-    """fp32 → out_ptr's element type, rounding to nearest even.
-
-    Triton 3.6's interpreter truncates fp32 → bf16 casts (the GPU rounds to nearest even), so
-    under the interpreter bf16 outputs are rounded here by integer arithmetic instead."""
-    if BF16_RNE_BY_BITS:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(out_ptr.dtype.element_ty)
-
-
-def bf16_rne_by_bits(out: torch.Tensor, interpreted: bool) -> bool:
-    return interpreted and out.dtype == torch.bfloat16
-
-
 # ----------------------------------------------------------------------------- noise-only kernel
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step"])
@@ -145,32 +130,14 @@ def _noise_sum_kernel(sample_index_ptr, partial_ptr, n_per_sample, seed_lo, seed
     tl.store(partial_ptr + b * num_k + pid_k, tl.sum(acc, axis=0))
 
 
-def launch_config(device: torch.device, n_per_sample: int, interpreted: bool) -> tuple[int, int]:
-    """(BLOCK elements per program step, programs per sample) for one sample of n elements.
-
-    GPU: 1,024-element blocks, one program per block (measured 2–3× faster than 4,096, DESIGN
-    §8). Interpreter: one program per sample with one big block it loops over (the interpreter
-    pays per block step, not per element)."""
-    if interpreted or device.type != "cuda":
-        block = min(max(triton.next_power_of_2(n_per_sample), 16), 16384)
-        return block, 1
-    block = 1024
-    return block, triton.cdiv(n_per_sample, block)
-
-
-def is_interpreted(kernel) -> bool:
-    """Whether `kernel` was built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return not isinstance(kernel, triton.runtime.JITFunction)
-
-
 def noise_sum(seed: int, step: int, sample_index: torch.Tensor, n_per_sample: int) -> torch.Tensor:
     """Per-sample Σ(x0 + ε) over n elements [B] fp32: the noise-only cost limit for the bench.
 
     sample_index: int64 tensor [B] on the device to run on."""
     seed_lo, seed_hi = rng.split_seed(seed)
     device = sample_index.device
-    interpreted = is_interpreted(_noise_sum_kernel)
-    block, num_k = launch_config(device, n_per_sample, interpreted)
+    interpreted = utils.is_interpreted(_noise_sum_kernel)
+    block, num_k = utils.launch_config(device, n_per_sample, interpreted)
     b = sample_index.numel()
     partial = torch.empty((b, num_k), dtype=torch.float32, device=device)
     _noise_sum_kernel[(num_k, b)](sample_index, partial, n_per_sample, seed_lo, seed_hi, step,

@@ -1,10 +1,13 @@
 """Fused V-weighted bridge loss (paper Eq. 13) and its gradient in one pass over the data.
 
-Reference: agm_fast.bridge.weighted_bridge_loss (same signature, same keys, so the same noise).
+Owns the loss kernels, their launch, the torch.autograd.Function and the wrapper
+weighted_bridge_loss, which returns a plain tuple (loss, per_sample, weights) (agm_fast.dispatch
+wraps it into bridge.LossOutput). Reference: agm_fast.bridge.weighted_bridge_loss (same
+arguments, same keys, so the same noise).
 
 Kernel 1, one program per (block of ~1,024 elements, sample) on a GPU (one program per sample
 looping over one big block under the interpreter):
-  * the sample's importance weight w_b from the whole batch's V (DESIGN.md §1): standardise
+  * the sample's importance weight w_b from the whole batch's V (docs/design.md §1): standardise
     with the population std (s = 0 when len(V) = 1 or std = 0), clamp ±clip, w = len(V)·
     softmax(∓s/τ), or w ≡ 1 for scheme=uniform. Every program recomputes it from V: a few
     loads and exps over len(V) floats (L2 hits), cheap next to 1,024 elements of Philox for the
@@ -23,19 +26,13 @@ The autograd backward only rescales the stored gradient by grad_output. V gets n
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from agm_fast import rng
-from agm_fast.bridge import LossOutput, check_sigma
-from agm_fast.config import check_choice
+from agm_fast import checks, rng
 
-from . import philox
-from .bridge_sample import (check_batch, check_device, check_float_tensor, check_no_grad, check_same_device,
-                            prepare_sample_index, prepare_t)
+from . import philox, utils
 
 MAX_V_BLOCK = 1024
 
@@ -126,7 +123,7 @@ def _weighted_bridge_loss_kernel(pred_ptr, x1_ptr, t_ptr, v_ptr, sample_index_pt
         diff = tl.where(mask, pred - target, 0.0)
         acc += diff * diff
         if WRITE_GRAD:
-            grad = philox.to_output_dtype(elem_grad_scale * diff, grad_ptr, BF16_RNE_BY_BITS)
+            grad = utils.to_output_dtype(elem_grad_scale * diff, grad_ptr, BF16_RNE_BY_BITS)
             tl.store(grad_ptr + row + offs, grad, mask=mask)
     tl.store(partial_ptr + b * num_k + pid_k, tl.sum(acc, axis=0))
 
@@ -161,8 +158,8 @@ def _launch(pred, x1c, t32, v32, idx, *, n, seed_lo, seed_hi, step, sigma, predi
     """Run both kernels; returns (loss [], per_sample [B], weights [B], grad like pred or None)."""
     b = pred.shape[0]
     device = pred.device
-    interpreted = philox.is_interpreted(_weighted_bridge_loss_kernel)
-    block, num_k = philox.launch_config(device, n, interpreted)
+    interpreted = utils.is_interpreted(_weighted_bridge_loss_kernel)
+    block, num_k = utils.launch_config(device, n, interpreted)
     # one allocation for the small outputs: [loss | weights (B) | per_sample (B) | partials (B·K)]
     workspace = torch.empty(1 + 2 * b + b * num_k, dtype=torch.float32, device=device)
     loss = workspace[0]
@@ -178,7 +175,7 @@ def _launch(pred, x1c, t32, v32, idx, *, n, seed_lo, seed_hi, step, sigma, predi
         DRIFT_TARGET=predicts == "drift", SOFTMAX=scheme == "softmax",
         SIGN=-1.0 if favour == "coherent" else 1.0, WRITE_GRAD=write_grad,
         BLOCK=block, BLOCK_V=min(max(triton.next_power_of_2(n_v), 16), MAX_V_BLOCK),
-        BF16_RNE_BY_BITS=philox.bf16_rne_by_bits(grad, interpreted), num_warps=4)
+        BF16_RNE_BY_BITS=utils.bf16_rne_by_bits(grad, interpreted), num_warps=4)
     # one program reduces all partials: a [rows, K] tile of ≤ 8,192 floats per step, so the
     # largest bench shape (256 samples × 192 blocks) takes 6 dependent steps, most take one
     block_k = min(max(triton.next_power_of_2(num_k), 16), 256)
@@ -207,25 +204,11 @@ class WeightedBridgeLossFunction(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- the wrapper
 
-def _check_float(name: str, value, *, positive: bool, allow_inf: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{name} must be a float, got {value!r}")
-    value = float(value)
-    if math.isinf(value) and not (allow_inf and value > 0):
-        raise ValueError(f"{name} must be finite{' or +inf' if allow_inf else ''}, got {value!r}")
-    if positive and not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    if not positive and value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return value
-
-
 def weighted_bridge_loss(pred: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
-                         *, seed: int, step: int, sample_index, sigma: float,
-                         predicts: str = "drift", scheme: str = "softmax",
-                         favour: str = "coherent", tau: float = 1.0, clip: float = 2.0,
-                         v_offset: int = 0, normalizer: float | None = None,
-                         validate: bool = True) -> LossOutput:
+                         *, seed: int, step: int, sample_index, sigma: float, predicts: str, scheme: str,
+                         favour: str, tau: float, clip: float, v_offset: int = 0,
+                         normalizer: float | None = None,
+                         validate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused drift loss of a chunk of the optimiser batch; mirrors bridge.weighted_bridge_loss.
 
     pred: [B, ...] fp32/bf16/fp16 network output (differentiable); x1: data of pred's shape
@@ -233,49 +216,44 @@ def weighted_bridge_loss(pred: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, 
     (≥ v_offset + B values; this chunk is v[v_offset : v_offset + B]); sample_index: B global
     sample indices (int64 tensor, ideally already on pred's device). clip = float('inf') turns
     clipping off. normalizer defaults to B. validate=False skips the value check of t (one host
-    sync on CUDA) for t the caller drew itself. Returns LossOutput(loss, per_sample, weights):
-    loss differentiable w.r.t. pred, per_sample and weights fp32 and detached. Non-contiguous
-    inputs are copied to contiguous ones here.
+    sync on CUDA) for t the caller drew itself. Returns (loss, per_sample, weights): loss
+    differentiable w.r.t. pred, per_sample and weights fp32 and detached. Non-contiguous inputs
+    are copied to contiguous ones here.
     """
-    check_float_tensor("pred", pred)
-    check_float_tensor("x1", x1)
+    checks.storage_tensor("pred", pred)
+    checks.storage_tensor("x1", x1)
     if pred.shape != x1.shape:
         raise ValueError(f"pred and x1 must have the same shape, got {tuple(pred.shape)} and {tuple(x1.shape)}")
-    b, n = check_batch(x1)
-    check_no_grad("x1", x1)
-    check_choice("model.predicts", predicts)
-    check_choice("weights.scheme", scheme)
-    check_choice("weights.favour", favour)
-    tau = _check_float("tau", tau, positive=True)
-    clip = _check_float("clip", clip, positive=False, allow_inf=True)
-    sigma = check_sigma(sigma)
+    b, n = utils.check_batch(x1)
+    utils.check_no_grad("x1", x1)
+    checks.one_of("predicts", predicts, checks.PREDICTS)
+    checks.one_of("scheme", scheme, checks.SCHEMES)
+    checks.one_of("favour", favour, checks.FAVOURS)
+    tau = checks.number("tau", tau, positive=True)
+    clip = checks.number("clip", clip, allow_inf=True)
+    sigma = checks.sigma(sigma)
     seed_lo, seed_hi = rng.split_seed(seed)
-    rng.check_step(step)
+    checks.step(step)
     if isinstance(v_offset, bool) or not isinstance(v_offset, int) or v_offset < 0:
         raise ValueError(f"v_offset must be an integer >= 0, got {v_offset!r}")
-    normalizer = float(b) if normalizer is None else _check_float("normalizer", normalizer, positive=True)
-    if not isinstance(v, torch.Tensor):
-        raise TypeError(f"v must be a torch.Tensor of the batch's potentials, got {type(v).__name__}")
-    if not v.is_floating_point():
-        raise TypeError(f"v must be a floating-point tensor, got {str(v.dtype).replace('torch.', '')}")
+    normalizer = float(b) if normalizer is None else checks.number("normalizer", normalizer, positive=True)
+    if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+        got = str(v.dtype).replace("torch.", "") if isinstance(v, torch.Tensor) else type(v).__name__
+        raise TypeError(f"v must be a floating-point tensor of the batch's potentials, got {got}")
     if v.numel() < v_offset + b:
         raise ValueError(f"v holds {v.numel()} values but this chunk needs v[{v_offset}:{v_offset + b}] "
                          f"(v_offset={v_offset}, B={b}): pass the whole optimiser batch's V")
+    t32 = utils.prepare_t(t, b, validate)  # checked for predicts=x1 too, though unread there
     device = pred.device
-    interpreted = philox.is_interpreted(_weighted_bridge_loss_kernel)
-    check_device(device, interpreted)
-    check_same_device(device, x1=x1, v=v)
-    t32 = prepare_t(t, b, device, validate)  # checked for predicts=x1 too, though unread there
-    idx = prepare_sample_index(sample_index, b, device)
+    utils.check_device(device, utils.is_interpreted(_weighted_bridge_loss_kernel), x1=x1, t=t, v=v)
+    idx = checks.sample_index(sample_index, b, device)
     v32 = v.detach().reshape(-1).to(torch.float32).contiguous()
     x1c = x1.detach().contiguous()
     params = dict(n=n, seed_lo=seed_lo, seed_hi=seed_hi, step=step, sigma=sigma,
                   predicts=predicts, scheme=scheme, favour=favour, tau=tau, clip=clip,
                   v_offset=v_offset, normalizer=normalizer)
     if pred.requires_grad and torch.is_grad_enabled():
-        loss, per_sample, weights = WeightedBridgeLossFunction.apply(pred.contiguous(), x1c, t32,
-                                                                     v32, idx, params)
-    else:
-        loss, per_sample, weights, _ = _launch(pred.detach().contiguous(), x1c, t32, v32, idx,
-                                               write_grad=False, **params)
-    return LossOutput(loss, per_sample, weights)
+        return WeightedBridgeLossFunction.apply(pred.contiguous(), x1c, t32, v32, idx, params)
+    loss, per_sample, weights, _ = _launch(pred.detach().contiguous(), x1c, t32, v32, idx,
+                                           write_grad=False, **params)
+    return loss, per_sample, weights

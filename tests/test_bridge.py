@@ -1,4 +1,4 @@
-"""Reference math of agm_fast.bridge against closed forms (DESIGN.md §1)."""
+"""Reference math of agm_fast.bridge against closed forms (docs/design.md §1)."""
 
 import math
 
@@ -70,7 +70,7 @@ def _structured_images(b=4, c=3, h=16, w=16):
 
 def test_pixel_shuffle_keeps_colour_histogram_and_destroys_structure():
     x1 = _structured_images()
-    neg = bridge.negatives(x1, "pixel_shuffle", 0, 0, torch.arange(4))
+    neg = bridge.negatives(x1, "pixel_shuffle", 0, 0, torch.arange(4), patch=4)
     for b in range(4):
         a = x1[b].reshape(3, -1).T.tolist()
         n = neg[b].reshape(3, -1).T.tolist()
@@ -81,8 +81,8 @@ def test_pixel_shuffle_keeps_colour_histogram_and_destroys_structure():
         return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
     assert neighbour_corr(x1) > 0.9 and abs(neighbour_corr(neg)) < 0.3
     # keyed: same key same permutation, different step another one
-    assert torch.equal(neg, bridge.negatives(x1, "pixel_shuffle", 0, 0, torch.arange(4)))
-    assert not torch.equal(neg, bridge.negatives(x1, "pixel_shuffle", 0, 1, torch.arange(4)))
+    assert torch.equal(neg, bridge.negatives(x1, "pixel_shuffle", 0, 0, torch.arange(4), patch=4))
+    assert not torch.equal(neg, bridge.negatives(x1, "pixel_shuffle", 0, 1, torch.arange(4), patch=4))
 
 
 def test_patch_shuffle_and_noise_negatives():
@@ -91,10 +91,10 @@ def test_patch_shuffle_and_noise_negatives():
     assert torch.equal(p[:, :, 16:, :], x1[:, :, 16:, :])  # remainder strip untouched
     assert not torch.equal(p, x1)
     assert sorted(p.flatten().tolist()) == sorted(x1.flatten().tolist())
-    nz = bridge.negatives(x1, "noise", 0, 0, torch.arange(4))
+    nz = bridge.negatives(x1, "noise", 0, 0, torch.arange(4), patch=4)
     assert torch.allclose(nz.mean((2, 3)), x1.mean((2, 3)), atol=0.15)
     with pytest.raises(ValueError, match="negatives"):
-        bridge.negatives(x1, "blur", 0, 0, torch.arange(4))
+        bridge.negatives(x1, "blur", 0, 0, torch.arange(4), patch=4)
 
 
 @pytest.mark.parametrize("favour", ["coherent", "degenerate"])
@@ -102,7 +102,7 @@ def test_patch_shuffle_and_noise_negatives():
 def test_weights_mean_one_and_ratio_bound(favour, tau, clip):
     v = torch.randn(257, generator=torch.Generator().manual_seed(2)) * 10
     v[0] = 1e4  # an outlier: clipping must bound its effect
-    w = bridge.importance_weights(v, "softmax", favour, tau, clip)
+    w = bridge.importance_weights(v, scheme="softmax", favour=favour, tau=tau, clip=clip)
     assert w.dtype == torch.float32 and w.shape == (257,)
     assert float(w.double().mean()) == pytest.approx(1.0, abs=1e-6)
     if math.isfinite(clip):
@@ -116,11 +116,12 @@ def test_weights_mean_one_and_ratio_bound(favour, tau, clip):
 
 def test_uniform_batch_of_one_and_equal_potentials():
     v = torch.randn(8)
-    assert torch.equal(bridge.importance_weights(v, "uniform"), torch.ones(8))
-    assert torch.equal(bridge.importance_weights(torch.tensor([3.0]), "softmax"), torch.ones(1))
-    assert torch.equal(bridge.importance_weights(torch.full((5,), 2.0), "softmax"), torch.ones(5))
-    with pytest.raises(ValueError, match="weights.scheme"):
-        bridge.importance_weights(v, "boltzmann")
+    kw = dict(favour="coherent", tau=1.0, clip=2.0)
+    assert torch.equal(bridge.importance_weights(v, scheme="uniform", **kw), torch.ones(8))
+    assert torch.equal(bridge.importance_weights(torch.tensor([3.0]), scheme="softmax", **kw), torch.ones(1))
+    assert torch.equal(bridge.importance_weights(torch.full((5,), 2.0), scheme="softmax", **kw), torch.ones(5))
+    with pytest.raises(ValueError, match="scheme must be 'softmax' or 'uniform', got 'boltzmann'"):
+        bridge.importance_weights(v, scheme="boltzmann", **kw)
 
 
 def test_uniform_scheme_is_plain_mse():
@@ -129,7 +130,8 @@ def test_uniform_scheme_is_plain_mse():
     t = torch.rand(5, generator=g) * 0.9
     idx = torch.arange(5)
     out = bridge.weighted_bridge_loss(pred, x1, t, torch.randn(5), seed=0, step=0, sample_index=idx,
-                                      sigma=0.5, scheme="uniform")
+                                      sigma=0.5, predicts="drift", scheme="uniform", favour="coherent",
+                                      tau=1.0, clip=2.0)
     x0, eps = bridge.draw_bridge_noise(0, 0, idx, x1.shape)
     mse = torch.nn.functional.mse_loss(pred, bridge.drift_target(x1, x0, eps, t, 0.5))
     assert out.loss.item() == pytest.approx(mse.item(), rel=1e-6)
@@ -140,7 +142,7 @@ def test_chunks_add_up_to_the_whole_batch():
     g = torch.Generator().manual_seed(4)
     pred, x1 = torch.randn(6, 3, 5, 5, generator=g), torch.randn(6, 3, 5, 5, generator=g)
     t, v = torch.rand(6, generator=g) * 0.9, torch.randn(6, generator=g)
-    kw = dict(seed=1, step=2, sigma=0.5)
+    kw = dict(seed=1, step=2, sigma=0.5, predicts="drift", scheme="softmax", favour="coherent", tau=1.0, clip=2.0)
     whole = bridge.weighted_bridge_loss(pred, x1, t, v, sample_index=torch.arange(6), **kw)
     parts = [bridge.weighted_bridge_loss(pred[s], x1[s], t[s], v, sample_index=torch.arange(6)[s],
                                          v_offset=s.start, normalizer=6, **kw) for s in (slice(0, 2), slice(2, 6))]
@@ -165,8 +167,9 @@ def test_weights_depend_on_x_t_and_t_only():
     x0b = (xt - tb * x1b - sigma * torch.sqrt(tb * (1 - tb)) * epsb) / (1 - tb)
     xtb = bridge.bridge_sample(x1b, t, x0b, epsb, sigma)
     assert torch.allclose(xt, xtb, atol=1e-5)
-    wa = bridge.importance_weights(V(xt, t))
-    wb = bridge.importance_weights(V(xtb, t))
+    kw = dict(scheme="softmax", favour="coherent", tau=1.0, clip=2.0)
+    wa = bridge.importance_weights(V(xt, t), **kw)
+    wb = bridge.importance_weights(V(xtb, t), **kw)
     assert torch.allclose(wa, wb, atol=1e-4)
 
 

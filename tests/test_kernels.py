@@ -2,7 +2,7 @@
 
 Without CUDA the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET=1) on a
 covering subset of the shape matrix; with CUDA the same checks run natively, plus the full
-matrix. Parity rule (DESIGN.md §3): the kernel's max error against an fp64 reference is at most
+matrix. Parity rule (docs/design.md §3): the kernel's max error against an fp64 reference is at most
 2× the same-dtype PyTorch reference's error plus a floor relative to the values' magnitude:
 1e-6 for elementwise outputs, 1e-5 for reductions.
 """
@@ -31,6 +31,9 @@ SEED = 2**63 + 2**40 + 12345  # both key words non-trivial, high bit set
 STEP = 2**31 + 17             # a step word ≥ 2³¹ (uint32 handling)
 ELEMENTWISE_FLOOR = 1e-6
 REDUCTION_FLOOR = 1e-5
+# the loss hyperparameters where a test does not vary them (the config's defaults, passed explicitly)
+LOSS_CHOICES = dict(predicts="drift", scheme="softmax", favour="coherent", tau=1.0, clip=2.0)
+LOSS_KW = dict(sigma=0.5, **LOSS_CHOICES)
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +46,7 @@ def _triton_runs_here():
 # ----------------------------------------------------------------------------- test-only kernels
 
 if triton is not None:
-    from agm_fast.kernels import philox
+    from agm_fast.kernels import philox, utils
 
     @triton.jit
     def _philox_words_kernel(words_ptr, uniforms_ptr, sample_index_ptr, n_draws, seed_lo, seed_hi,
@@ -70,6 +73,11 @@ if triton is not None:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def kernel_loss(*args, **kw) -> bridge.LossOutput:
+    """The fused loss with the reference's result type (the kernel wrapper returns a plain tuple)."""
+    return bridge.LossOutput(*K.weighted_bridge_loss(*args, **kw))
+
 
 def assert_parity(name, fast, ref, ref64, floor):
     """max|fast - ref64| ≤ 2·max|ref - ref64| + floor·max|ref64| (+ 1e-30 for all-zero outputs)."""
@@ -105,7 +113,7 @@ def make_inputs(b, c, h, dtype, t_kind, n_v=None, seed=0, w=None):
 def run_both(pred, x1, t, v, idx, **kw):
     """Kernel and reference loss on the same inputs; returns (kernel, reference, fp64 reference)."""
     out = []
-    for fn, cast in ((K.weighted_bridge_loss, None), (bridge.weighted_bridge_loss, None),
+    for fn, cast in ((kernel_loss, None), (bridge.weighted_bridge_loss, None),
                      (bridge.weighted_bridge_loss, torch.float64)):
         p = pred.detach().to(cast or pred.dtype).requires_grad_()
         x, tt = (x1, t) if cast is None else (x1.to(cast), t.to(cast))
@@ -229,9 +237,10 @@ def test_loss_rectified_flow_and_fp16():
 def test_chunks_add_up_to_the_batch_loss():
     """Micro-batches with v_offset and normalizer = batch size sum to the whole batch's loss."""
     x1, pred, t, v, idx = make_inputs(9, 3, 7, torch.float32, "mixed", seed=3)
-    kw = dict(seed=SEED, step=STEP, sigma=0.5, tau=0.5, clip=1.5)
-    full = K.weighted_bridge_loss(pred, x1, t, v, sample_index=idx, **kw)
-    parts = [K.weighted_bridge_loss(pred[s:s + 3], x1[s:s + 3], t[s:s + 3], v, sample_index=idx[s:s + 3],
+    kw = dict(seed=SEED, step=STEP, sigma=0.5, predicts="drift", scheme="softmax", favour="coherent",
+              tau=0.5, clip=1.5)
+    full = kernel_loss(pred, x1, t, v, sample_index=idx, **kw)
+    parts = [kernel_loss(pred[s:s + 3], x1[s:s + 3], t[s:s + 3], v, sample_index=idx[s:s + 3],
                                     v_offset=s, normalizer=9, **kw) for s in (0, 3, 6)]
     ref = [bridge.weighted_bridge_loss(pred[s:s + 3], x1[s:s + 3], t[s:s + 3], v, sample_index=idx[s:s + 3],
                                        v_offset=s, normalizer=9, **kw) for s in (0, 3, 6)]
@@ -249,7 +258,7 @@ def test_non_contiguous_inputs():
     x1_nc = torch.cat([x1, x1], dim=3)[..., ::2]                    # strided view
     v_nc = torch.stack([v, v], dim=1)[:, 0]                          # strided V
     assert not pred_nc.is_contiguous() and not x1_nc.is_contiguous() and not v_nc.is_contiguous()
-    (fast, g_fast), (ref, g_ref), (ref64, g_64) = run_both(pred_nc, x1_nc, t, v_nc, idx, sigma=0.5)
+    (fast, g_fast), (ref, g_ref), (ref64, g_64) = run_both(pred_nc, x1_nc, t, v_nc, idx, **LOSS_KW)
     assert_parity("loss", fast.loss, ref.loss, ref64.loss, REDUCTION_FLOOR)
     assert_parity("d loss/d pred", g_fast, g_ref, g_64, ELEMENTWISE_FLOOR)
 
@@ -257,23 +266,23 @@ def test_non_contiguous_inputs():
 def test_equal_potentials_and_single_value_give_unit_weights():
     x1, pred, t, _, idx = make_inputs(3, 1, 7, torch.float32, "mixed", seed=5)
     for v in (torch.full((3,), 0.5, device=DEVICE), torch.full((3,), -2.0, device=DEVICE)):
-        out = K.weighted_bridge_loss(pred, x1, t, v, seed=SEED, step=STEP, sample_index=idx, sigma=0.5)
+        out = kernel_loss(pred, x1, t, v, seed=SEED, step=STEP, sample_index=idx, **LOSS_KW)
         assert torch.equal(out.weights, torch.ones(3, device=DEVICE))
-    out = K.weighted_bridge_loss(pred[:1], x1[:1], t[:1], torch.tensor([3.0], device=DEVICE),
-                                 seed=SEED, step=STEP, sample_index=idx[:1], sigma=0.5)
+    out = kernel_loss(pred[:1], x1[:1], t[:1], torch.tensor([3.0], device=DEVICE),
+                      seed=SEED, step=STEP, sample_index=idx[:1], **LOSS_KW)
     assert torch.equal(out.weights, torch.ones(1, device=DEVICE))
 
 
 def test_backward_rescales_by_grad_output_and_no_grad_path():
     x1, pred, t, v, idx = make_inputs(3, 3, 7, torch.float32, "mixed", seed=6)
-    kw = dict(seed=SEED, step=STEP, sample_index=idx, sigma=0.5)
+    kw = dict(seed=SEED, step=STEP, sample_index=idx, **LOSS_KW)
     p = pred.clone().requires_grad_()
-    (3.5 * K.weighted_bridge_loss(p, x1, t, v, **kw).loss).backward()
+    (3.5 * kernel_loss(p, x1, t, v, **kw).loss).backward()
     q = pred.clone().requires_grad_()
     (3.5 * bridge.weighted_bridge_loss(q, x1, t, v, **kw).loss).backward()
     torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-9)
     with torch.no_grad():
-        no_grad = K.weighted_bridge_loss(p, x1, t, v, **kw)
+        no_grad = kernel_loss(p, x1, t, v, **kw)
     assert not no_grad.loss.requires_grad
     torch.testing.assert_close(no_grad.loss, bridge.weighted_bridge_loss(pred, x1, t, v, **kw).loss,
                                rtol=REDUCTION_FLOOR, atol=0)
@@ -289,10 +298,10 @@ def test_training_step_gradients_match():
         kw = dict(seed=SEED, step=STEP, sample_index=idx, sigma=0.5)
         if use_kernels:
             xt = K.bridge_sample(x1, t, **kw)
-            loss = K.weighted_bridge_loss(net(xt), x1, t, v, **kw).loss
+            loss = kernel_loss(net(xt), x1, t, v, **kw, **LOSS_CHOICES).loss
         else:
             xt = bridge.bridge_sample(x1, t, *bridge.draw_bridge_noise(SEED, STEP, idx, x1.shape, DEVICE), 0.5)
-            loss = bridge.weighted_bridge_loss(net(xt), x1, t, v, **kw).loss
+            loss = bridge.weighted_bridge_loss(net(xt), x1, t, v, **kw, **LOSS_CHOICES).loss
         loss.backward()
         grads.append([p.grad.clone() for p in net.parameters()])
     for g_fast, g_ref in zip(*grads):
@@ -309,7 +318,7 @@ def test_many_programs_per_sample(monkeypatch, block, programs):
     CUDA; a number: fewer programs than blocks, so each loops grid-stride over several)."""
     def split(device, n, interpreted):
         return block, programs or triton.cdiv(n, block)
-    monkeypatch.setattr(philox, "launch_config", split)
+    monkeypatch.setattr(utils, "launch_config", split)
     check_loss_case(3, 3, 9, torch.float32, "drift", "softmax", "coherent", 2.0, "mixed")  # 243 elements
     check_loss_case(2, 1, 7, torch.bfloat16, "x1", "softmax", "degenerate", math.inf, "near1")
     x1, _, t, _, idx = make_inputs(3, 3, 9, torch.float32, "mixed", seed=1)
@@ -366,7 +375,7 @@ class _MustNotLaunch:
 
 def _good_args():
     x1, pred, t, v, idx = make_inputs(3, 1, 5, torch.float32, "mixed", seed=8)
-    return dict(pred=pred, x1=x1, t=t, v=v, seed=SEED, step=STEP, sample_index=idx, sigma=0.5)
+    return dict(pred=pred, x1=x1, t=t, v=v, seed=SEED, step=STEP, sample_index=idx, **LOSS_KW)
 
 
 LOSS_BAD = [
@@ -387,9 +396,9 @@ LOSS_BAD = [
     ("seed", lambda a: -1, ValueError, "seed must be"),
     ("step", lambda a: 2**32, ValueError, "step must be"),
     ("sigma", lambda a: float("nan"), ValueError, "sigma must be"),
-    ("predicts", lambda a: "eps", ValueError, "model.predicts=.* is not allowed"),
-    ("scheme", lambda a: "topk", ValueError, "weights.scheme=.* is not allowed"),
-    ("favour", lambda a: "both", ValueError, "weights.favour=.* is not allowed"),
+    ("predicts", lambda a: "eps", ValueError, "predicts must be 'drift' or 'x1', got 'eps'"),
+    ("scheme", lambda a: "topk", ValueError, "scheme must be 'softmax' or 'uniform', got 'topk'"),
+    ("favour", lambda a: "both", ValueError, "favour must be 'coherent' or 'degenerate', got 'both'"),
     ("tau", lambda a: 0.0, ValueError, "tau must be > 0"),
     ("clip", lambda a: -1.0, ValueError, "clip must be >= 0"),
     ("v_offset", lambda a: -1, ValueError, "v_offset must be"),
@@ -405,14 +414,14 @@ def test_loss_bad_input_fails_before_launch(monkeypatch, arg, make, exc, match):
     args = _good_args()
     args[arg] = make(args)
     with pytest.raises(exc, match=match):
-        K.weighted_bridge_loss(**args)
+        kernel_loss(**args)
 
 
 def test_x1_requiring_grad_is_refused():
     args = _good_args()
     args["x1"] = args["x1"].clone().requires_grad_()
     with pytest.raises(ValueError, match="x1 must not require grad"):
-        K.weighted_bridge_loss(**args)
+        kernel_loss(**args)
 
 
 @pytest.mark.parametrize("change,exc,match", [
@@ -429,6 +438,19 @@ def test_bridge_sample_bad_input(monkeypatch, change, exc, match):
     args.update({k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in change.items()})
     with pytest.raises(exc, match=match):
         K.bridge_sample(**args)
+
+
+def test_kernels_import_only_rng_and_checks():
+    """Dependency direction (docs/design.md §4): the kernels import agm_fast.rng, agm_fast.checks and
+    their own modules, never the reference math or the config."""
+    import subprocess
+    import sys
+    code = ("import sys, agm_fast.kernels.bridge_sample, agm_fast.kernels.weighted_bridge_loss; "
+            "print(sorted(m for m in sys.modules if m.startswith('agm_fast')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(eval(res.stdout))
+    assert {m for m in loaded if not m.startswith("agm_fast.kernels")} == {"agm_fast", "agm_fast.rng",
+                                                                             "agm_fast.checks"}
 
 
 def test_available_says_why():
@@ -469,7 +491,7 @@ def test_cuda_large_batch_and_long_v():
     check_loss_case(256, 3, 64, torch.bfloat16, "drift", "softmax", "coherent", 2.0, "mixed")
     x1, pred, t, _, idx = make_inputs(32, 3, 256, torch.float32, "mixed", n_v=3000)
     v = torch.randn(3000, device=DEVICE)
-    kw = dict(sigma=0.5, v_offset=1000, normalizer=3000.0)
+    kw = dict(**LOSS_KW, v_offset=1000, normalizer=3000.0)
     (fast, g_fast), (ref, g_ref), (ref64, g_64) = run_both(pred, x1, t, v, idx, **kw)
     assert_parity("loss", fast.loss, ref.loss, ref64.loss, REDUCTION_FLOOR)
     torch.testing.assert_close(fast.weights, ref.weights, rtol=REDUCTION_FLOOR, atol=1e-6)
