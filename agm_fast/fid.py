@@ -5,12 +5,13 @@ This module owns the statistics, not the networks: features come from features.e
 backbone decides the label: "FID" only on Inception features, "FD-EffLite0" otherwise). All
 arithmetic is float64 numpy; nothing here needs scipy or a GPU.
 
-  frechet_distance   d² = |μ₁ − μ₂|² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½)            (Heusel et al. 2017, Eq. 6;
-                     Dowson & Landau 1982 for the Gaussian W₂ closed form)
-  kid                unbiased MMD² with k(x, y) = (xᵀy / d + 1)³, mean ± std over random subsets
-                     (Bińkowski et al. 2018, "Demystifying MMD GANs", Eq. 3 / §4)
-  prdc               k-NN manifold precision, recall, density, coverage (Naeem et al. 2020,
-                     "Reliable Fidelity and Diversity Metrics for Generative Models", Eqs. 1-4)
+  frechet_distance   d² = |μ₁ − μ₂|² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½), the W₂² distance of two Gaussians
+                     (Dowson & Landau 1982) fitted to the features (FID: Heusel et al. 2017, TTUR)
+  kid                unbiased MMD² (Gretton et al. 2012) with k(x, y) = (xᵀy / d + 1)³, mean ± std
+                     over random subsets (KID: Bińkowski et al. 2018, "Demystifying MMD GANs")
+  prdc               k-NN manifold precision and recall (Kynkäänniemi et al. 2019) with density
+                     and coverage (Naeem et al. 2020, "Reliable Fidelity and Diversity Metrics
+                     for Generative Models"), k = 5 as there
   dataset_features   features of a prepared dataset, cached on disk under a name keyed by the
                      dataset checksum, the backbone and the resolution; written atomically
 """
@@ -86,7 +87,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f"shapes do not match: mu {mu1.shape}, {mu2.shape}; sigma {sigma1.shape}, {sigma2.shape}")
+        raise ValueError(f"shapes do not match: mu {mu1.shape}, {mu2.shape}; "
+                         f"sigma {sigma1.shape}, {sigma2.shape}")
     diff = mu1 - mu2
     value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2)
     # d² >= 0; cancellation in the trace can leave a rounding residue of either sign.
@@ -107,7 +109,7 @@ def _polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
-    """Unbiased MMD² of two samples of equal size m (Gretton et al. 2012, Eq. 5):
+    """Unbiased MMD² of two samples of equal size m (the U-statistic of Gretton et al. 2012):
     Σ_{i≠j} k(xᵢ,xⱼ)/(m(m−1)) + Σ_{i≠j} k(yᵢ,yⱼ)/(m(m−1)) − 2 Σ_{i,j} k(xᵢ,yⱼ)/m²."""
     m = x.shape[0]
     k_xx, k_yy, k_xy = _polynomial_kernel(x, x), _polynomial_kernel(y, y), _polynomial_kernel(x, y)
@@ -157,18 +159,18 @@ def prdc(real, fake, *, k: int = PRDC_K, chunk: int = 1024) -> dict:
 
     B(x, r) is the open ball; rᵢ = distance from real i to its k-th nearest real neighbour,
     sⱼ likewise within the fakes.
-      precision = 1/M Σⱼ 1[∃i: fⱼ ∈ B(xᵢ, rᵢ)]          (Eq. 1, Kynkäänniemi et al. 2019)
-      recall    = 1/N Σᵢ 1[∃j: xᵢ ∈ B(fⱼ, sⱼ)]          (Eq. 2)
-      density   = 1/(kM) Σⱼ Σᵢ 1[fⱼ ∈ B(xᵢ, rᵢ)]        (Eq. 3)
-      coverage  = 1/N Σᵢ 1[∃j: fⱼ ∈ B(xᵢ, rᵢ)]          (Eq. 4)
+      precision = 1/M Σⱼ 1[∃i: fⱼ ∈ B(xᵢ, rᵢ)]      (fidelity: fakes on the real manifold)
+      recall    = 1/N Σᵢ 1[∃j: xᵢ ∈ B(fⱼ, sⱼ)]      (diversity: reals on the fake manifold)
+      density   = 1/(kM) Σⱼ Σᵢ 1[fⱼ ∈ B(xᵢ, rᵢ)]    (how many real balls hold each fake; ≈ 1 when P = Q)
+      coverage  = 1/N Σᵢ 1[∃j: fⱼ ∈ B(xᵢ, rᵢ)]      (real balls that hold at least one fake)
     Distance matrices are built `chunk` rows at a time (memory O(chunk · max(N, M))).
     """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
     why = f"k = {k} nearest neighbours need at least {k + 1} samples"
     real = _check_features(real, "real", k + 1, why)
     fake = _check_features(fake, "fake", k + 1, why)
     _check_same_dim(real, fake)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
     real_radii = _kth_neighbour_radii(real, k, chunk)
     fake_radii = _kth_neighbour_radii(fake, k, chunk)
 

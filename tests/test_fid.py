@@ -148,6 +148,20 @@ def test_prdc_matches_the_definition_in_chunks():
     assert all(0 < v < 1 for v in expected.values())  # no metric trivially 0 or 1 here
 
 
+def test_prdc_by_hand_with_ties():
+    # 1-D, k = 1. Reals 0, 2, 4, 6, 24, 25: radii 2, 2, 2, 2, 1, 1. Fakes 1, 4, 8, 20, 22: radii
+    # 3, 3, 4, 2, 2. Balls are open, so points on a boundary are outside: fake 8 (real 6's ball),
+    # real 24 (fake 22's ball), fake 4 (the balls of reals 2 and 6).
+    real = np.array([0.0, 2, 4, 6, 24, 25])[:, None]
+    fake = np.array([1.0, 4, 8, 20, 22])[:, None]
+    got = fid.prdc(real, fake, k=1)
+    assert got == pytest.approx({"precision": 2 / 5,   # fakes 1 and 4 lie in some real ball
+                                 "recall": 4 / 6,      # reals 0, 2, 4, 6 are within 3 of fake 1 or 4
+                                 "density": 3 / 5,     # fake 1 in the balls of 0 and 2, fake 4 in that of 4
+                                 "coverage": 3 / 6},   # the balls of reals 0, 2, 4 hold a fake
+                                abs=1e-15)
+
+
 def test_prdc_too_few_samples_is_a_clear_error():
     x = np.zeros((5, 3))
     with pytest.raises(ValueError, match="k = 5 .* at least 6"):
@@ -210,9 +224,12 @@ def test_inception_loads_the_standard_layout_and_gives_2048_features(tmp_path):
     state = fe.FIDInceptionV3().state_dict()
     # the key layout of the standard FID weights file (pt_inception-2015-12-05)
     shapes = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Conv2d_4a_3x3.bn.running_var": (192,),
-              "Mixed_5b.branch1x1.conv.weight": (64, 192, 1, 1), "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
-              "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3), "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
-              "Mixed_7a.branch7x7x3_4.conv.weight": (192, 192, 3, 3), "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
+              "Mixed_5b.branch1x1.conv.weight": (64, 192, 1, 1),
+              "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
+              "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3),
+              "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
+              "Mixed_7a.branch7x7x3_4.conv.weight": (192, 192, 3, 3),
+              "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
               "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1), "fc.weight": (1008, 2048), "fc.bias": (1008,)}
     for key, shape in shapes.items():
         assert tuple(state[key].shape) == shape, key
