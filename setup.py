@@ -1,8 +1,9 @@
-"""Build of agm_fast and its optional compiled extension agm_fast._C (DESIGN.md §4, §5).
+"""Build of agm_fast and its optional compiled extension agm_fast._C (docs/design.md §4, §5).
 
 `kernels/` is installed as the package `agm_fast.kernels` (one import name everywhere).
 
-agm_fast._C (csrc/) holds the fused Euler–Maruyama op. It is built as a CppExtension (CPU kernel)
+agm_fast._C (csrc/) holds the fused Euler–Maruyama op (csrc/em_step.cpp) and its test-only
+CUDA-body emulation (csrc/em_step_emulation.cpp). It is built as a CppExtension (CPU kernels)
 always, and as a CUDAExtension (plus csrc/em_step_cuda.cu) when torch has CUDA and nvcc is found.
 The extension is optional: a failed build prints a warning and leaves a working pure-PyTorch
 install (a failed CUDA build first retries CPU-only). Build with
@@ -51,7 +52,8 @@ def _extension_setup() -> dict:
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     link = ["-fopenmp", f"-Wl,-rpath,{torch_lib}"]
     common = dict(include_dirs=[os.path.join(here, csrc)], extra_link_args=link)
-    cpu_ext = CppExtension("agm_fast._C", [f"{csrc}/em_step.cpp"], extra_compile_args={"cxx": cxx}, **common)
+    sources = [f"{csrc}/em_step.cpp", f"{csrc}/em_step_emulation.cpp"]
+    cpu_ext = CppExtension("agm_fast._C", sources, extra_compile_args={"cxx": cxx}, **common)
 
     nvcc = None
     if CUDA_HOME:
@@ -67,7 +69,7 @@ def _extension_setup() -> dict:
     else:
         print(f"agm_fast._C: building CPU + CUDA ops (torch CUDA {torch.version.cuda}, nvcc {nvcc})", flush=True)
         ext = CUDAExtension(
-            "agm_fast._C", [f"{csrc}/em_step.cpp", f"{csrc}/em_step_cuda.cu"],
+            "agm_fast._C", [*sources, f"{csrc}/em_step_cuda.cu"],
             define_macros=[("AGM_WITH_CUDA", None)],
             # no --use_fast_math: the Philox normals must match agm_fast.rng (precise logf/sincosf)
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, **common)

@@ -1,10 +1,14 @@
-"""The compiled extension agm_fast._C: the fused Euler–Maruyama op (DESIGN.md §1 "sampling", §3).
+"""The compiled extension agm_fast._C: the fused Euler–Maruyama op (docs/design.md §1 "sampling", §3).
 
-This is the only module that imports agm_fast._C. Importing it never fails: `available()` says
-whether the op can run and why not. The ops are torch.library custom operators (schemas and
-CPU/CUDA kernels in csrc/em_step.cpp) with fake kernels registered here, so they trace under
-torch.compile and are captured by CUDA graphs (they read `step` and `image_index` from device
-memory and never synchronise).
+This is the only module that imports agm_fast._C, and it owns the Python face of its ops:
+whether they can run, their fake kernels, and the wrappers below. Importing it never fails:
+`available()` says whether the op can run and why not. The ops are torch.library custom
+operators (schemas and CPU/CUDA kernels in csrc/em_step.cpp) with fake kernels registered here,
+so they trace under torch.compile and are captured by CUDA graphs (they read `step` and
+`image_index` from device memory and never synchronise). The wrappers check what only Python
+sees (seed, σ, an int step, the image indices: agm_fast.checks) and leave the tensors (dtypes,
+shapes, devices, dt) to the op's own checks (csrc/em_step_torch.h), which raise TypeError or
+ValueError naming the argument.
 
     em_step_(x, drift, *, dt, sigma, seed, step, image_index)   x ← x + drift·dt + σ·sqrt(dt)·z
         z = agm_fast.rng.normal(seed, step, image_index, x[0].numel(), rng.Stream.EM), drawn in-op
@@ -19,12 +23,9 @@ advances). x is updated in place and returned; fp32/bf16/fp16 storage, fp32 arit
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from . import rng
-from .bridge import check_sigma
+from . import checks, rng
 
 _C = None
 _IMPORT_ERROR: str | None = None
@@ -33,9 +34,6 @@ try:
 except Exception as err:  # missing or broken build: the package must still import
     _IMPORT_ERROR = f"agm_fast._C is not built or failed to load ({type(err).__name__}: {err}); " \
                     "rebuild with: pip install --no-build-isolation -e ."
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 def available(device: torch.device | str | None = None) -> tuple[bool, str]:
     """(can the op run [on device], reason). device=None asks only whether the CPU op loaded."""
@@ -78,54 +76,25 @@ if _C is not None:
         return None
 
 
-# ----------------------------------------------------------------------------- argument checks
-
-def _check_x_drift(x: torch.Tensor, drift: torch.Tensor, dt: float) -> None:
-    if not isinstance(x, torch.Tensor) or not isinstance(drift, torch.Tensor):
-        raise TypeError("em_step: x and drift must be tensors")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"em_step: x must be float32, bfloat16 or float16; got {x.dtype}")
-    if drift.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"em_step: drift must be float32, bfloat16 or float16; got {drift.dtype}")
-    if x.dim() < 1 or x.shape[0] < 1:
-        raise ValueError(f"em_step: x must be [B, ...] with B ≥ 1; got shape {tuple(x.shape)}")
-    if drift.shape != x.shape:
-        raise ValueError(f"em_step: drift shape {tuple(drift.shape)} must equal x shape {tuple(x.shape)}")
-    if drift.device != x.device:
-        raise ValueError(f"em_step: drift is on {drift.device} but x is on {x.device}")
-    if not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
-        raise ValueError(f"em_step: dt must be a finite positive float; got {dt!r}")
-
+# ----------------------------------------------------------------------------- arguments
 
 def image_index_tensor(image_index, batch: int, device: torch.device) -> torch.Tensor:
-    """int base b0 → arange(b0, b0 + B); an int64 tensor [B] is checked and passed through."""
-    if isinstance(image_index, bool):
-        raise TypeError("em_step: image_index must be an int or an int64 tensor [B], not a bool")
-    if isinstance(image_index, int):
-        if image_index < 0 or image_index + batch - 1 > rng.MASK32:
-            raise ValueError(f"em_step: image indices {image_index}…{image_index + batch - 1} must lie in [0, 2**32)")
-        return torch.arange(image_index, image_index + batch, dtype=torch.int64, device=device)
-    if not isinstance(image_index, torch.Tensor):
-        raise TypeError(f"em_step: image_index must be an int or an int64 tensor [B]; got {type(image_index).__name__}")
-    if image_index.dtype != torch.int64 or image_index.shape != (batch,):
-        raise ValueError(f"em_step: image_index tensor must be int64 of shape [{batch}]; got "
-                         f"{image_index.dtype} {tuple(image_index.shape)}")
-    if image_index.device != device:
-        raise ValueError(f"em_step: image_index is on {image_index.device} but x is on {device}")
-    return image_index.contiguous()
+    """int base b0 → arange(b0, b0 + B); B global indices → a contiguous int64 tensor [B] on device."""
+    return checks.sample_index(image_index, batch, device, name="image_index")
 
 
 def step_tensor(step, device: torch.device) -> torch.Tensor:
-    """int k → int64 tensor [1] on device; an int64 one-element tensor is checked and passed through."""
-    if isinstance(step, bool):
-        raise TypeError("em_step: step must be an int or an int64 tensor with one element, not a bool")
-    if isinstance(step, int):
-        return torch.tensor([rng.check_step(step)], dtype=torch.int64, device=device)
-    if not isinstance(step, torch.Tensor) or step.dtype != torch.int64 or step.numel() != 1:
-        raise TypeError("em_step: step must be an int or an int64 tensor with one element")
-    if step.device != device:
-        raise ValueError(f"em_step: step is on {step.device} but x is on {device}")
-    return step
+    """int k (checked) → int64 tensor [1] on device; a tensor is passed on (the op checks it)."""
+    if isinstance(step, torch.Tensor):
+        return step
+    return torch.tensor([checks.step(step)], dtype=torch.int64, device=device)
+
+
+def _device_of(x, drift) -> torch.device:
+    """x's device, once x and drift are known to be tensors (the op checks everything else)."""
+    if not isinstance(x, torch.Tensor) or not isinstance(drift, torch.Tensor):
+        raise TypeError(f"em_step: x and drift must be tensors, got {type(x).__name__} and {type(drift).__name__}")
+    return x.device
 
 
 def _in_place(x: torch.Tensor, run) -> torch.Tensor:
@@ -144,27 +113,23 @@ def _in_place(x: torch.Tensor, run) -> torch.Tensor:
 def em_step_(x: torch.Tensor, drift: torch.Tensor, *, dt: float, sigma: float, seed: int, step,
              image_index) -> torch.Tensor:
     """x ← x + drift·dt + σ·sqrt(dt)·z in place, z = rng.normal(seed, step, image_index, ·, Stream.EM)."""
-    _check_x_drift(x, drift, dt)
-    check_sigma(sigma)
-    _require(x.device)
+    device = _device_of(x, drift)
+    _require(device)
+    sigma = checks.sigma(sigma)
     lo, hi = rng.split_seed(seed)
-    idx = image_index_tensor(image_index, x.shape[0], x.device)
-    k = step_tensor(step, x.device)
-    return _in_place(x, lambda xc: torch.ops.agm_fast.em_step_(xc, drift, idx, k, float(dt), float(sigma), lo, hi))
+    idx = image_index_tensor(image_index, x.shape[0] if x.dim() else 0, device)
+    k = step_tensor(step, device)
+    return _in_place(x, lambda xc: torch.ops.agm_fast.em_step_(xc, drift, idx, k, float(dt), sigma, lo, hi))
 
 
 def em_step_z_(x: torch.Tensor, drift: torch.Tensor, z: torch.Tensor, *, dt: float, sigma: float) -> torch.Tensor:
     """x ← x + drift·dt + σ·sqrt(dt)·z in place with z given (fp32 arithmetic; z is read as fp32)."""
-    _check_x_drift(x, drift, dt)
-    check_sigma(sigma)
-    if not isinstance(z, torch.Tensor) or z.shape != x.shape or z.device != x.device:
-        raise ValueError(f"em_step_z: z must be a tensor of x's shape {tuple(x.shape)} on {x.device}")
-    _require(x.device)
-    return _in_place(x, lambda xc: torch.ops.agm_fast.em_step_z_(xc, drift, z, float(dt), float(sigma)))
+    _require(_device_of(x, drift))
+    sigma = checks.sigma(sigma)
+    return _in_place(x, lambda xc: torch.ops.agm_fast.em_step_z_(xc, drift, z, float(dt), sigma))
 
 
 def em_step_last_(x: torch.Tensor, drift: torch.Tensor, *, dt: float) -> torch.Tensor:
     """x ← x + drift·dt in place: the noiseless last step (also every step when σ = 0)."""
-    _check_x_drift(x, drift, dt)
-    _require(x.device)
+    _require(_device_of(x, drift))
     return _in_place(x, lambda xc: torch.ops.agm_fast.em_step_last_(xc, drift, float(dt)))

@@ -1,10 +1,11 @@
-// CUDA kernel of the fused Euler–Maruyama step (DESIGN.md §1, §3), in place:
+// CUDA kernel of the fused Euler–Maruyama step (docs/design.md §1, §3), in place:
 //     x ← x + drift·dt + noise_scale·z,   noise_scale = σ·sqrt(dt)
 // with z drawn in-kernel from Philox (agm_fast.rng layout, stream EM, step word = EM step k),
 // or read from a tensor (parity mode), or absent (noiseless last step / σ = 0).
 //
 // No torch headers: nvcc compiles this file on its own (csrc/nvcc_check.sh). The torch side
-// (checks, dtype codes, current stream) lives in em_step.cpp behind AGM_WITH_CUDA.
+// lives in em_step.cpp behind AGM_WITH_CUDA (dtype codes, current stream) and em_step_torch.h
+// (argument checks).
 //
 // One thread handles one Philox block = 4 consecutive elements of one image (every output of
 // every draw is used); grid-stride over all blocks of the batch. The per-thread body lives in

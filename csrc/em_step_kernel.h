@@ -1,13 +1,14 @@
 // The per-thread body of the CUDA Euler–Maruyama kernel, written once for host and device.
 //
 // em_step_cuda.cu runs em_step_block on the GPU (one thread per Philox block, grid-stride). The
-// CPU build compiles the same body too: agm_fast._C's test-only op `_em_step_cuda_emulated`
-// calls it for every thread index in turn, so the CUDA kernel's indexing, tail handling, vector
-// path, noise keys and roundings are checked against the PyTorch reference on a machine without
-// a GPU (tests/test_em_op.py). Only the grid-stride loop and the launch stay GPU-only.
+// CPU build compiles the same body too: agm_fast._C's test-only op `_em_step_cuda_emulated_`
+// (em_step_emulation.cpp) calls it for every thread index in turn, so the CUDA kernel's indexing,
+// tail handling, vector path, noise keys and roundings are checked against the PyTorch reference
+// on a machine without a GPU (tests/test_em_op.py). Only the grid-stride loop and the launch stay
+// GPU-only.
 //
 // The includer specialises agm::Storage<T> for its 16-bit types (cuda_bf16/cuda_fp16 types in
-// the .cu, c10::BFloat16/c10::Half in em_step.cpp): load(T) → float, store(float) → T with
+// the .cu, c10::BFloat16/c10::Half in em_step_torch.h): load(T) → float, store(float) → T with
 // round-to-nearest-even. Torch-free, so nvcc compiles the .cu on its own.
 #pragma once
 
