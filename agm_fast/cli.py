@@ -14,7 +14,9 @@ import sys
 
 import torch
 
-from .config import CHOICES
+from .config import CHOICES, Config
+
+_SAMPLE = Config().sample  # the CLI's sampling defaults are the config's
 
 log = logging.getLogger("agm_fast")
 
@@ -98,14 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nrow", type=int, default=None, help="images per grid row")
     s.add_argument("--steps", type=int, default=None, help="Euler–Maruyama steps (default: the run's sample.steps)")
     s.add_argument("--sigma", type=float, default=None, help="must equal the checkpoint's bridge.sigma if given")
-    s.add_argument("--seed", type=int, default=0, help="keys all sampling noise")
-    s.add_argument("--em", default="auto", choices=CHOICES["sample.em"],
+    s.add_argument("--seed", type=int, default=_SAMPLE.seed, help="keys all sampling noise")
+    s.add_argument("--em", default=_SAMPLE.em, choices=CHOICES["sample.em"],
                    help="Euler–Maruyama step: the fused C++/CUDA op (ext), the PyTorch reference, or auto")
-    s.add_argument("--batch-size", type=int, default=64, help="images per batch (the images do not depend on it)")
+    s.add_argument("--batch-size", type=int, default=_SAMPLE.batch_size,
+                   help="images per batch (the images do not depend on it)")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    s.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
-    s.add_argument("--compile", action="store_true", help="torch.compile the drift net")
-    s.add_argument("--cuda-graph", action="store_true", help="capture one step as a CUDA graph")
+    s.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=_SAMPLE.bf16,
+                   help="bf16 autocast when sampling on CUDA (the CPU samples in fp32)")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=_SAMPLE.compile,
+                   help="torch.compile the drift net")
+    s.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=_SAMPLE.cuda_graph,
+                   help="capture one step as a CUDA graph")
     s.set_defaults(fn=cmd_sample)
 
     i = sub.add_parser("info", help="which implementations and backends are active, and why")

@@ -9,28 +9,21 @@ another σ would sample a different process: refused). σ = 0 gives the probabil
 Every random number is keyed by (seed, step, global image index), so images do not depend on
 batch_size, and the eager loop, the fused op (agm_fast._C) and a CUDA graph give the same images.
 
-Public: em_step, time_grid, sample, save_drift, load_drift, read_drift_meta,
-sample_from_checkpoint, save_grid, save_npz, to_uint8.
+Public: em_step, time_grid, sample, sample_from_checkpoint. The drift file format is
+agm_fast.checkpoint's; image files are agm_fast.images'.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import warnings
 
-import numpy as np
 import torch
 from torch import nn
 
-from . import bridge, dispatch, ext, rng
-from .config import CHOICES, check_choice
-from .files import atomic_write
+from . import bridge, checkpoint, dispatch, ext, images, rng
+from .config import Config, check_choice
 
-FORMAT = "agm_fast.drift.v1"
-META_KEYS = ("format", "drift_arch", "predicts", "sigma", "t_min", "t_eps", "config", "step")
-DEFAULT_STEPS = 200  # the paper's setting
+_DEFAULT = Config()  # the one source of every default below (docs/design.md §1)
 
 
 # ----------------------------------------------------------------------------- one EM step
@@ -130,16 +123,19 @@ def _check_sample_args(n, shape, sigma, predicts, seed, batch_size, first_index)
     return tuple(shape)
 
 
-def sample(drift_fn, *, n: int, shape, steps: int = DEFAULT_STEPS, sigma: float, predicts: str = "drift",
-           t_min: float = 0.0, t_eps: float = 1e-3, seed: int = 0, em: str = "auto", batch_size: int = 64,
-           device="cpu", bf16: bool = False, compile: bool = False, cuda_graph: bool = False,
+def sample(drift_fn, *, n: int, shape, sigma: float, predicts: str = _DEFAULT.model.predicts,
+           t_min: float = _DEFAULT.bridge.t_min, t_eps: float = _DEFAULT.bridge.t_eps,
+           steps: int = _DEFAULT.sample.steps, seed: int = _DEFAULT.sample.seed, em: str = _DEFAULT.sample.em,
+           batch_size: int = _DEFAULT.sample.batch_size, device="cpu", bf16: bool = _DEFAULT.sample.bf16,
+           compile: bool = _DEFAULT.sample.compile, cuda_graph: bool = _DEFAULT.sample.cuda_graph,
            progress: bool = True, first_index: int = 0) -> torch.Tensor:
     """n images [n, C, H, W] fp32 on the CPU: EM of drift_fn from x_0 ~ N(0, I) on t_k = k/N.
 
     drift_fn(x [B,C,H,W] fp32, t [B] fp32) → drift (or x̂1 for predicts='x1'), x's shape; an
     nn.Module is put in eval mode. Image i of the output has global index first_index + i, which
-    keys all its noise: the result does not depend on batch_size. bf16: autocast on CUDA (on the
-    CPU it is ignored with a warning). compile: torch.compile the drift net. cuda_graph: capture
+    keys all its noise: the result does not depend on batch_size. bf16: autocast when sampling on
+    CUDA (the CPU samples in fp32). Defaults are the config's (sample.*, model.predicts, bridge.*).
+    compile: torch.compile the drift net. cuda_graph: capture
     one step (drift forward + fused EM op on static buffers; t and the Philox step live in device
     memory that each replay advances) and replay it N−1 times; the noiseless last step runs eagerly.
     """
@@ -154,8 +150,6 @@ def sample(drift_fn, *, n: int, shape, steps: int = DEFAULT_STEPS, sigma: float,
             raise ValueError("cuda_graph=True needs the fused op (sample.em=ext or auto with agm_fast._C built "
                              f"with CUDA); sample.em resolved to {impl!r}: {ext.available(device)[1]}")
     autocast = bool(bf16) and device.type == "cuda"
-    if bf16 and device.type != "cuda":
-        warnings.warn("bf16 autocast is only used on CUDA; sampling in fp32 on the CPU", stacklevel=2)
     if isinstance(drift_fn, nn.Module):
         drift_fn.eval()
     net = torch.compile(drift_fn) if compile else drift_fn
@@ -252,134 +246,25 @@ class _StepGraph:
         return self.x[:b].clone()
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- from a checkpoint
 
-def save_drift(path, state_dict: dict, drift_arch: dict, *, predicts: str, sigma: float, t_min: float,
-               t_eps: float, config: dict, step: int) -> None:
-    """Write EMA drift weights + metadata (format agm_fast.drift.v1) as safetensors, atomically."""
-    from safetensors.torch import save_file
-    check_choice("model.predicts", predicts)
-    if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError("state_dict must be a non-empty mapping of names to tensors (the EMA drift weights)")
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    meta = {"format": FORMAT, "drift_arch": json.dumps(drift_arch, sort_keys=True), "predicts": predicts,
-            "sigma": repr(float(sigma)), "t_min": repr(float(t_min)), "t_eps": repr(float(t_eps)),
-            "config": json.dumps(config, sort_keys=True), "step": str(int(step))}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-
-def read_drift_meta(path) -> dict:
-    """Metadata of a drift checkpoint, parsed: drift_arch and config as dicts, numbers as numbers."""
-    from safetensors import safe_open
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"drift checkpoint not found: {path}")
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a directory; pass the .safetensors file of EMA drift weights")
-    try:
-        with safe_open(path, framework="pt") as f:
-            raw = f.metadata() or {}
-            n_tensors = len(list(f.keys()))
-    except Exception as err:
-        raise ValueError(f"{path} is not an agm_fast drift checkpoint (not a safetensors file: "
-                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-    if raw.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an agm_fast drift checkpoint (metadata format={raw.get('format')!r}, "
-                         f"expected {FORMAT!r})")
-    missing = [k for k in META_KEYS if k not in raw]
-    if missing:
-        raise ValueError(f"{path}: drift checkpoint metadata lacks {', '.join(missing)}")
-    if n_tensors == 0:
-        raise ValueError(f"{path} holds no EMA drift weights")
-    try:
-        meta = {"format": raw["format"], "drift_arch": json.loads(raw["drift_arch"]), "predicts": raw["predicts"],
-                "sigma": float(raw["sigma"]), "t_min": float(raw["t_min"]), "t_eps": float(raw["t_eps"]),
-                "config": json.loads(raw["config"]), "step": int(raw["step"])}
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{path}: unreadable drift checkpoint metadata ({err})") from None
-    if not isinstance(meta["drift_arch"], dict) or not isinstance(meta["config"], dict):
-        raise ValueError(f"{path}: drift_arch and config metadata must be JSON objects")
-    if meta["predicts"] not in CHOICES["model.predicts"]:
-        raise ValueError(f"{path}: predicts={meta['predicts']!r} is not one of {CHOICES['model.predicts']}")
-    return meta
-
-
-def build_drift_net(drift_arch: dict) -> nn.Module:
-    """DriftUNet(**drift_arch); tests replace this function to use a stand-in network."""
-    from .models import DriftUNet
-    return DriftUNet(**drift_arch)
-
-
-def checkpoint_image_shape(meta: dict) -> tuple[int, int, int]:
-    """(C, H, W) the checkpoint's drift was built for, from drift_arch's in_channels and resolution."""
-    arch = meta["drift_arch"]
-    if "in_channels" not in arch or "resolution" not in arch:
-        raise ValueError("drift_arch lacks in_channels or resolution: cannot tell the image shape")
-    res = arch["resolution"]
-    h, w = (res, res) if isinstance(res, int) else tuple(res)
-    return int(arch["in_channels"]), int(h), int(w)
-
-
-def load_drift(path, device="cpu") -> tuple[nn.Module, dict]:
-    """(EMA drift net in eval mode on device, parsed metadata). V_φ is never loaded."""
-    meta = read_drift_meta(path)
-    return _build_drift(path, meta, device), meta
-
-
-def _build_drift(path, meta: dict, device) -> nn.Module:
-    """The drift net of drift_arch with the checkpoint's EMA weights (meta from read_drift_meta)."""
-    from safetensors.torch import load_file
-    try:
-        net = build_drift_net(meta["drift_arch"])
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: drift_arch {meta['drift_arch']} does not build the drift net: {err}") from None
-    weights = load_file(os.fspath(path), device="cpu")
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    wrong = [f"{k}: checkpoint {tuple(weights[k].shape)} vs net {tuple(v.shape)}"
-             for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[0]})")
-        raise ValueError(f"{path}: the EMA weights do not fit the drift net built from drift_arch: "
-                         + "; ".join(parts))
-    net.load_state_dict(weights)
-    return net.to(dispatch.resolve_device(device)).eval().requires_grad_(False)
-
-
-def ema_path(path) -> str:
-    """A run directory (its newest complete checkpoint) or a checkpoint directory → its
-    ema.safetensors; a file is taken as is."""
-    from .trainer import newest_checkpoint
-    p = newest_checkpoint(path)
-    if p.is_dir():
-        p = p / "ema.safetensors"
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file (give a run directory, a checkpoint directory or ema.safetensors)")
-    return str(p)
-
-
-def sample_from_checkpoint(path, *, n: int, steps: int | None = None, sigma: float | None = None, seed: int = 0,
-                           em: str = "auto", batch_size: int = 64, device="cpu", bf16: bool = False,
-                           compile: bool = False, cuda_graph: bool = False, out_png=None, out_npz=None,
+def sample_from_checkpoint(path, *, n: int, steps: int | None = None, sigma: float | None = None,
+                           seed: int = _DEFAULT.sample.seed, em: str = _DEFAULT.sample.em,
+                           batch_size: int = _DEFAULT.sample.batch_size, device="cpu",
+                           bf16: bool = _DEFAULT.sample.bf16, compile: bool = _DEFAULT.sample.compile,
+                           cuda_graph: bool = _DEFAULT.sample.cuda_graph, out_png=None, out_npz=None,
                            nrow: int | None = None, shape=None, progress: bool = True,
                            first_index: int = 0) -> torch.Tensor:
     """Sample n images from a drift checkpoint (a run directory, a checkpoint directory or an
     ema.safetensors file); optionally write a PNG grid and/or a uint8 NHWC .npz.
 
-    steps: None = the checkpoint config's sample.steps (else 200). sigma: None = the checkpoint's
+    steps: None = the checkpoint config's sample.steps (else the default). sigma: None = the checkpoint's
     bridge.sigma; any other value is refused. shape: optional (C, H, W) to check against the
     checkpoint. All arguments are checked before the weights are loaded.
     """
-    path = ema_path(path)
-    meta = read_drift_meta(path)
-    ckpt_shape = checkpoint_image_shape(meta)
+    path = checkpoint.ema_path(path)
+    meta = checkpoint.read_drift_meta(path)
+    ckpt_shape = checkpoint.drift_image_shape(meta)
     if shape is not None and tuple(shape) != ckpt_shape:
         raise ValueError(f"requested image shape C×H×W={tuple(shape)} but the checkpoint's drift net was built "
                          f"for {ckpt_shape}")
@@ -387,80 +272,20 @@ def sample_from_checkpoint(path, *, n: int, steps: int | None = None, sigma: flo
         raise ValueError(f"sigma={sigma} differs from the checkpoint's bridge.sigma={meta['sigma']}: the trainer "
                          "learns the drift of that σ-bridge only (no score), so sampling must use it")
     if steps is None:
-        steps = int((meta["config"].get("sample") or {}).get("steps", DEFAULT_STEPS))
+        steps = int((meta["config"].get("sample") or {}).get("steps", _DEFAULT.sample.steps))
     time_grid(steps, meta["t_min"], meta["t_eps"])
-    for out, suffix in ((out_png, ".png"), (out_npz, ".npz")):  # before hours of sampling, not after
-        if out is not None:
-            _check_output_path(out, suffix)
+    for target, suffix in ((out_png, ".png"), (out_npz, ".npz")):  # before hours of sampling, not after
+        if target is not None:
+            images.check_output_path(target, suffix)
     if out_png is not None and nrow is not None:
-        _check_nrow(nrow)
-    net = _build_drift(path, meta, device)
-    images = sample(net, n=n, shape=ckpt_shape, steps=steps, sigma=meta["sigma"], predicts=meta["predicts"],
+        images.check_nrow(nrow)
+    net, _ = checkpoint.load_drift(path, dispatch.resolve_device(device), meta)
+    out = sample(net, n=n, shape=ckpt_shape, steps=steps, sigma=meta["sigma"], predicts=meta["predicts"],
                     t_min=meta["t_min"], t_eps=meta["t_eps"], seed=seed, em=em, batch_size=batch_size,
                     device=device, bf16=bf16, compile=compile, cuda_graph=cuda_graph, progress=progress,
                     first_index=first_index)
     if out_png is not None:
-        save_grid(images, out_png, nrow=nrow)
+        images.save_grid(out, out_png, nrow=nrow)
     if out_npz is not None:
-        save_npz(images, out_npz)
-    return images
-
-
-# ----------------------------------------------------------------------------- image files
-
-def _check_output_path(path, suffix: str) -> None:
-    """The output file can be written: not a directory, its folder exists or can be made."""
-    path = os.fspath(path)
-    if not path.lower().endswith(suffix):
-        raise ValueError(f"{path}: the output file name must end in {suffix}")
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: is a directory; give a file name ending in {suffix}")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot create its folder ({e.strerror})") from None
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{path}: folder {folder} is not writable")
-
-
-def _check_nrow(nrow) -> None:
-    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
-        raise ValueError(f"nrow must be an integer ≥ 1; got {nrow!r}")
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[N, C, H, W] in [-1, 1] → uint8 NHWC (values outside are clipped, NaN → 0)."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise ValueError(f"images must be a tensor [N, C, H, W]; got {getattr(images, 'shape', type(images))}")
-    x = torch.nan_to_num(images.detach().float().cpu(), nan=-1.0).clamp(-1, 1)
-    return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-
-
-def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int = 2) -> None:
-    """PNG grid of images in [-1, 1] (C = 1 grey, C = 3 RGB), nrow images per row, written atomically."""
-    from PIL import Image
-    arr = to_uint8(images)
-    n, h, w, c = arr.shape
-    if c not in (1, 3):
-        raise ValueError(f"save_grid needs C = 1 (grey) or 3 (RGB) channels; got C={c}")
-    if nrow is None:
-        nrow = math.ceil(math.sqrt(n))
-    _check_nrow(nrow)
-    cols, rows = min(nrow, n), math.ceil(n / nrow)
-    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, nrow)
-        y, x = padding + r * (h + padding), padding + q * (w + padding)
-        grid[y:y + h, x:x + w] = arr[i]
-    img = Image.fromarray(grid[:, :, 0] if c == 1 else grid)  # uint8 2-D → "L", H×W×3 → "RGB"
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
-
-
-def save_npz(images: torch.Tensor, path) -> None:
-    """images in [-1, 1] → uint8 NHWC array under the key 'arr_0' (what FID tools read), atomically."""
-    arr = to_uint8(images)
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a bare name
-            np.savez(f, arr_0=arr)
-    atomic_write(path, write)
+        images.save_npz(out, out_npz)
+    return out

@@ -10,7 +10,7 @@ from agm_fast import models
 from agm_fast import config
 from agm_fast.models import (ATTENTION_BACKENDS, DriftUNet, PotentialNet, attention, count_parameters, norm_groups,
                              resolve_attention)
-from agm_fast.trainer import drift_arch, potential_arch
+from agm_fast.checkpoint import drift_arch, potential_arch
 
 # A small net that still has every part: 3 levels, attention at one inner level + the bottleneck.
 TINY = dict(resolution=16, channels=8, channel_mult=(1, 2, 2), num_blocks=1, attn_resolutions=(8,), num_heads=2)

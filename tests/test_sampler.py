@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from agm_fast import ext, rng, sampler
+from agm_fast import checkpoint, ext, images, rng, sampler
 from tests.conftest import needs_cuda, skip_unless_available
 
 
@@ -223,11 +223,11 @@ ARCH = dict(in_channels=3, resolution=8)
 
 @pytest.fixture
 def stand_in_net(monkeypatch):
-    monkeypatch.setattr(sampler, "build_drift_net", lambda arch: TinyDrift(**arch))
+    monkeypatch.setattr(checkpoint, "build_drift_net", lambda arch: TinyDrift(**arch))
 
 
 def _save(path, net, *, sigma=0.5, t_min=0.0, t_eps=1e-3, arch=ARCH, config=None, predicts="drift"):
-    sampler.save_drift(path, net.state_dict(), arch, predicts=predicts, sigma=sigma, t_min=t_min, t_eps=t_eps,
+    checkpoint.save_drift(path, net.state_dict(), arch, predicts=predicts, sigma=sigma, t_min=t_min, t_eps=t_eps,
                        config=config or {"sample": {"steps": 8}}, step=123)
 
 
@@ -235,8 +235,8 @@ def test_checkpoint_round_trip(tmp_path, stand_in_net):
     net = _tiny()
     path = tmp_path / "ema.safetensors"
     _save(path, net)
-    loaded, meta = sampler.load_drift(path)
-    assert meta == {"format": sampler.FORMAT, "drift_arch": ARCH, "predicts": "drift", "sigma": 0.5, "t_min": 0.0,
+    loaded, meta = checkpoint.load_drift(path)
+    assert meta == {"format": checkpoint.DRIFT_FORMAT, "drift_arch": ARCH, "predicts": "drift", "sigma": 0.5, "t_min": 0.0,
                     "t_eps": 1e-3, "config": {"sample": {"steps": 8}}, "step": 123}
     for k, v in net.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
@@ -251,7 +251,7 @@ def test_checkpoint_round_trip(tmp_path, stand_in_net):
     assert png.mode == "RGB" and png.size == (2 * 10 + 2, 2 * 10 + 2)
     arr = np.load(tmp_path / "s.npz")["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (3, 8, 8, 3)
-    np.testing.assert_array_equal(arr, sampler.to_uint8(imgs))
+    np.testing.assert_array_equal(arr, images.to_uint8(imgs))
 
 
 def test_checkpoint_with_the_real_drift_unet(tmp_path):
@@ -261,7 +261,7 @@ def test_checkpoint_with_the_real_drift_unet(tmp_path):
     net = models.DriftUNet(**arch)
     path = tmp_path / "ema.safetensors"
     _save(path, net, arch=arch)
-    loaded, _ = sampler.load_drift(path)
+    loaded, _ = checkpoint.load_drift(path)
     imgs = sampler.sample_from_checkpoint(path, n=2, steps=3, progress=False)
     assert imgs.shape == (2, 1, 8, 8) and torch.isfinite(imgs).all()
     x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
@@ -275,25 +275,25 @@ def test_checkpoint_errors(tmp_path, stand_in_net):
     good = tmp_path / "ema.safetensors"
     _save(good, net)
     with pytest.raises(FileNotFoundError, match="not found"):
-        sampler.load_drift(tmp_path / "missing.safetensors")
+        checkpoint.load_drift(tmp_path / "missing.safetensors")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x80\x04not a safetensors file at all")
     with pytest.raises(ValueError, match="not an agm_fast drift checkpoint"):
-        sampler.load_drift(junk)
+        checkpoint.load_drift(junk)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="not an agm_fast drift checkpoint"):
-        sampler.load_drift(foreign)
+        checkpoint.load_drift(foreign)
     empty = tmp_path / "empty.safetensors"
-    meta = {"format": sampler.FORMAT, "drift_arch": json.dumps(ARCH), "predicts": "drift", "sigma": "0.5",
+    meta = {"format": checkpoint.DRIFT_FORMAT, "drift_arch": json.dumps(ARCH), "predicts": "drift", "sigma": "0.5",
             "t_min": "0.0", "t_eps": "0.001", "config": "{}", "step": "1"}
     save_file({}, str(empty), metadata=meta)
     with pytest.raises(ValueError, match="no EMA drift weights"):
-        sampler.load_drift(empty)
+        checkpoint.load_drift(empty)
     wrong_arch = tmp_path / "wrong.safetensors"
     _save(wrong_arch, net, arch=dict(in_channels=1, resolution=8))
     with pytest.raises(ValueError, match="do not fit"):
-        sampler.load_drift(wrong_arch)
+        checkpoint.load_drift(wrong_arch)
     for kw, match in [(dict(shape=(1, 8, 8)), "image shape"), (dict(shape=(3, 16, 16)), "image shape"),
                       (dict(steps=0), "steps"), (dict(sigma=0.25), "differs from the checkpoint"),
                       (dict(steps=2000), "outside the trained range")]:
@@ -327,29 +327,6 @@ def test_bad_nrow_is_refused_before_sampling(tmp_path, stand_in_net, monkeypatch
     monkeypatch.setattr(sampler, "sample", lambda *a, **k: pytest.fail("sampled before checking nrow"))
     with pytest.raises(ValueError, match="nrow"):
         sampler.sample_from_checkpoint(path, n=4, out_png=tmp_path / "g.png", nrow=0, progress=False)
-
-
-def test_written_files_follow_the_umask(tmp_path):
-    import os
-    import stat
-    umask = os.umask(0o022)
-    os.umask(umask)
-    sampler.save_grid(torch.zeros(1, 3, 4, 4), tmp_path / "g.png")
-    sampler.save_npz(torch.zeros(1, 3, 4, 4), tmp_path / "s.npz")
-    for name in ("g.png", "s.npz"):  # not mkstemp's 0600: others may read what a run wrote
-        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask
-
-
-def test_save_grid_grey_and_bad_channels(tmp_path):
-    from PIL import Image
-    imgs = torch.linspace(-1, 1, 5 * 28 * 28).reshape(5, 1, 28, 28)
-    sampler.save_grid(imgs, tmp_path / "grey.png")
-    png = Image.open(tmp_path / "grey.png")
-    assert png.mode == "L" and png.size == (3 * 30 + 2, 2 * 30 + 2)
-    cell = np.asarray(png)[2:30, 2:30]
-    np.testing.assert_array_equal(cell, sampler.to_uint8(imgs)[0, :, :, 0])
-    with pytest.raises(ValueError, match="C = 1"):
-        sampler.save_grid(torch.zeros(2, 2, 4, 4), tmp_path / "bad.png")
 
 
 def test_static_buffer_step_equals_eager_loop_on_cpu():

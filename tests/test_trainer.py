@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from agm_fast import config, dispatch
+from agm_fast.checkpoint import CheckpointError
 from agm_fast.trainer import Trainer, TrainingError
 
 TINY = ["data.resolution=16", "data.num_images=32", "model.channels=8", "model.channel_mult=[1,2]",
@@ -77,11 +78,15 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     a1 = Trainer(tiny(tmp_path, "train.steps=1", name="a1"))
     b1 = Trainer(tiny(tmp_path, "train.steps=1", "train.micro_batch=2", name="b1"))
     step, idx, x1 = next(iter(a1.loader))
-    a1.train_step(idx, x1)
-    b1.train_step(idx, x1)
+    a1.agm_step(idx, x1, step)
+    b1.agm_step(idx, x1, step)
     for net in ("drift", "potential"):
+        # fp32 sums in another order (2 micro-batches vs 1 batch): an absolute floor relative to the
+        # net's largest gradient, as elements near 0 (e.g. biases GroupNorm cancels) carry the
+        # rounding of big terms
+        scale = max(float(p.grad.abs().max()) for p in getattr(a1, net).parameters())
         for pa, pb in zip(getattr(a1, net).parameters(), getattr(b1, net).parameters()):
-            torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_drift_loss_never_reaches_the_potential(tmp_path):
@@ -91,7 +96,8 @@ def test_drift_loss_never_reaches_the_potential(tmp_path):
     xt = dispatch.bridge_sample("torch", x1, t, seed=0, step=0, sample_index=idx, sigma=0.5)
     v = tr.potential(xt, t)  # deliberately NOT detached: the loss must stop the gradient itself
     out = dispatch.weighted_bridge_loss("torch", tr.drift(xt, t), x1, t, v, seed=0, step=0, sample_index=idx,
-                                        sigma=0.5)
+                                        sigma=0.5, predicts="drift", scheme="softmax", favour="coherent", tau=1.0,
+                                        clip=2.0)
     out.loss.backward()
     assert all(p.grad is None for p in tr.potential.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.drift.parameters())
@@ -221,7 +227,7 @@ def test_folder_evaluation_uses_a_seeded_random_subset(tmp_path, monkeypatch):
 
 def test_checkpoint_from_another_architecture_is_refused(tmp_path):
     Trainer(tiny(tmp_path, "train.steps=2")).run()
-    with pytest.raises(TrainingError, match=r"drift net architecture differs from this config \(channels: 8 there vs 16 here"
+    with pytest.raises(CheckpointError, match=r"drift net architecture differs from this config \(channels: 8 there vs 16 here"
                                             r".*another train.run_dir or --no-resume"):
         Trainer(tiny(tmp_path, "train.steps=4", "model.channels=16"))
 
@@ -244,7 +250,7 @@ def test_fine_tune_from_an_ema_file(tmp_path):
     assert ft.step == 0
     for a, b, c in zip(ft.drift.parameters(), ft.ema.parameters(), base.ema.parameters()):
         assert torch.equal(a, c) and torch.equal(b, c)
-    with pytest.raises(TrainingError, match=r"drift net architecture differs.*channels: 8 there vs 16 here"):
+    with pytest.raises(CheckpointError, match=r"drift net architecture differs.*channels: 8 there vs 16 here"):
         Trainer(tiny(tmp_path, "train.steps=1", f"train.init_from={ema}", "model.channels=16", name="ft16"))
 
 
@@ -394,7 +400,7 @@ def test_damaged_checkpoint_and_half_written_save(tmp_path):
     ft = Trainer(tiny(tmp_path, "train.steps=1", f"train.init_from={cfg.train.run_dir}", name="ft"))
     assert ft.step == 0
     (ckpt / "drift.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(TrainingError, match=r"drift.safetensors: cannot be loaded"):
+    with pytest.raises(CheckpointError, match=r"drift.safetensors: cannot be loaded"):
         Trainer(cfg)
 
 
