@@ -1,15 +1,14 @@
 """Argument checks at the public entry points of the ops (docs/design.md §4: validate once, at the edges).
 
-The one definition of each check that the reference math (agm_fast.bridge), the noise
+Owns the one definition of each check that the reference math (agm_fast.bridge), the noise
 (agm_fast.rng), the Triton kernels (agm_fast.kernels) and the compiled op's wrapper
 (agm_fast.ext) share: the Philox key parts (seed, step word, global sample indices), the
-bridge's σ, plain numbers and choices, and the storage dtypes the fast paths read and write.
-Also the values the ops implement for their choice-valued arguments. Each check returns
-the checked value in the form its callers use, or raises a one-line ValueError/TypeError
-that names the argument. Internal helpers of the ops trust their callers
-and never call these again.
+bridge's σ, plain numbers and choices, and the storage dtypes the fast paths read and write;
+also the values the ops implement for their choice-valued arguments. Each check returns the
+checked value in the form its callers use, or raises a one-line ValueError/TypeError that
+names the argument. Internal helpers of the ops trust their callers and never call these again.
 
-Imports only torch, so every ops module can use it (it sits at the bottom with rng).
+Imports only torch and math, so every ops module can use it (it sits at the bottom with rng).
 """
 
 from __future__ import annotations
@@ -20,7 +19,8 @@ import torch
 
 MASK32 = 0xFFFFFFFF  # a Philox counter or key word: an integer in [0, 2**32)
 
-# The storage dtypes of the fast paths (Triton kernels, agm_fast._C); arithmetic is fp32.
+# The storage dtypes of the fast paths; arithmetic is fp32. The Triton kernels check against this
+# list; agm_fast._C checks the same three in C++ (is_float_storage in csrc/em_step_torch.h).
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The values the ops implement for their choice-valued arguments (the reference in
@@ -29,6 +29,9 @@ PREDICTS = ("drift", "x1")                                # what the network out
 SCHEMES = ("softmax", "uniform")                          # importance-weight scheme
 FAVOURS = ("coherent", "degenerate")                      # which bridges the softmax favours
 NEGATIVES = ("pixel_shuffle", "patch_shuffle", "noise")   # structure-destroyed copies of x1
+ATTENTION = ("auto", "xformers", "sdpa", "math")          # DriftUNet's attention backends
+TIME_INJECTIONS = ("add", "scale_shift")                  # how DriftUNet's blocks take t
+TIME_INPUTS = ("channel", "film")                         # how PotentialNet takes t
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -16,8 +16,8 @@ ValueError naming the argument.
     em_step_last_(x, drift, *, dt)                              x ← x + drift·dt (noiseless last step)
 
 Image indices (the Philox key of each row, so noise does not depend on batching): either an int
-b0, meaning rows b get global indices b0 + b, or an int64 tensor [B] of global indices on x's
-device. The step: an int, or an int64 one-element tensor on x's device (what a CUDA graph
+b0, meaning rows b get global indices b0 + b, or B global indices (best an int64 tensor [B] on
+x's device, used as is; other integer tensors and sequences are converted and moved there). The step: an int, or an int64 one-element tensor on x's device (what a CUDA graph
 advances). x is updated in place and returned; fp32/bf16/fp16 storage, fp32 arithmetic.
 """
 

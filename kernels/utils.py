@@ -4,8 +4,9 @@ Owns what every kernel wrapper needs besides its own kernels: whether Triton run
 interpreter, the launch layout (block size, programs per sample), the bf16 output rounding
 under the interpreter, and the tensor checks of the wrappers' public entry points (batch
 layout, no grad on data, one device, t). The checks of scalars, sample indices and storage
-dtypes shared with the rest of the ops are agm_fast.checks. Every bad input fails here with a
-one-line ValueError/TypeError before any kernel launches; the kernels trust what passes.
+dtypes shared with the rest of the ops are agm_fast.checks. The wrappers run both before any
+kernel launches, so every bad input is a one-line ValueError/TypeError; the kernels trust
+what passes.
 """
 
 from __future__ import annotations
