@@ -1,0 +1,581 @@
+"""Dataset preparation: `agm-fast prepare SOURCE --out DIR --resolution R [--channels C]`.
+
+This module owns turning a source into a *prepared folder*: R×R PNG files named by index
+(000000.png, 000001.png, …) plus manifest.json, and the manifest's schema and checksum. Sources:
+
+  * an image folder, recursive (jpg, jpeg, png, webp; CelebA-HQ or FFHQ laid out as files),
+    visited in sorted relative-path order. Each image: EXIF orientation applied, 16-bit scaled
+    to 8-bit, palette / CMYK / greyscale converted, transparency composited on white, centre
+    cropped to a square and resized with Lanczos (antialiased; reducing_gap 3, so big JPEGs
+    are first reduced in the decoder). Files that cannot be decoded are skipped and listed in
+    the manifest with the reason.
+  * "fashion-mnist": the 70,000 28×28 grey images of the standard idx files
+    (train-images-idx3-ubyte.gz, then t10k-images-idx3-ubyte.gz) from a folder; by default the
+    one the Debian package dataset-fashion-mnist installs (found with `dpkg -L`).
+  * "emoji": the 64×64 PNGs (package/img/google/64/*.png) of the npm package
+    emoji-datasource-google, pinned to 16.0.0, fetched once with `npm pack` into a cache folder
+    (or taken from a given .tgz or unpacked folder), composited on white.
+
+The manifest is written last, through a temporary file and a rename: a folder without
+manifest.json is not a finished prepare (a killed one leaves the INCOMPLETE marker instead).
+Its checksum covers the decoded pixels, not the PNG bytes, so it does not depend on the PNG
+encoder: sha256 over the concatenated sha256 digests of each image's uint8 pixels (row-major
+H×W for C=1, H×W×3 for C=3), in index order. `load_prepared` reads a folder back and checks it.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import functools
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .files import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "agm_fast-prepared-images/1"
+INCOMPLETE_MARKER = "INCOMPLETE"       # present while a prepare writes into the folder
+IMAGE_NAME_RE = re.compile(r"^[0-9]+\.png$")
+MIN_NAME_DIGITS = 6
+
+FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+DECODER_FORMATS = ("JPEG", "PNG", "WEBP")   # what Pillow may decode (by content, not name)
+REDUCING_GAP = 3.0     # JPEG draft + Image.reduce down to ≥ 3× the target, then Lanczos
+PARALLEL_FROM = 1000   # workers=None: convert on threads from this many images on
+
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz")
+FASHION_MNIST_DEBIAN_PACKAGE = "dataset-fashion-mnist"
+
+EMOJI_PACKAGE = "emoji-datasource-google"
+EMOJI_VERSION = "16.0.0"
+EMOJI_IMAGE_DIR = "img/google/64"
+# npm's integrity string for emoji-datasource-google-16.0.0.tgz (sha512, base64)
+EMOJI_INTEGRITY = ("sha512-ZRexfzs7MVoLnmzZmNsO4TKhnAJp5D++Vm6PpUpH/jEQQlemp3l88CjZ+DoZ2faM9R4Qx"
+                   "ZkOPJCoT8DlPhfQ3A==")
+NPM_TIMEOUT_S = 900
+
+SOURCE_NAMES = ("fashion-mnist", "emoji")
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+def prepare(source, out_dir, resolution: int, channels: int | None = None, *,
+            overwrite: bool = False, fashion_mnist_dir=None, emoji_package=None,
+            cache_dir=None, workers: int | None = None, progress: bool = True) -> dict:
+    """Write `out_dir`: the source's images as resolution×resolution PNGs + manifest.json.
+
+    source: an image folder, or the name "fashion-mnist" or "emoji" (a folder with one of those
+    names is given as a path, e.g. "./emoji" or a Path). channels: 1 (grey) or 3 (RGB); None
+    means the source's own (1 for fashion-mnist, 3 otherwise). out_dir must be missing, empty,
+    or a previous prepare's output (replaced); anything else is refused unless overwrite=True,
+    which deletes its contents. workers: threads that decode (0: none; None: up to 8 for
+    sources of PARALLEL_FROM images or more). Returns the manifest. Bad input raises ValueError
+    with a one-line message; a file that does not decode is skipped and listed, not an error.
+    """
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"resolution must be an integer >= 1, got {resolution!r}")
+    if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 0):
+        raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
+
+    # read the source completely before the output folder is touched: a bad source changes nothing
+    if isinstance(source, str) and source == "fashion-mnist":
+        plan = _plan_fashion_mnist(fashion_mnist_dir)
+    elif isinstance(source, str) and source == "emoji":
+        plan = _plan_emoji(emoji_package, cache_dir)
+    else:
+        plan = _plan_folder(source, out_dir)
+    if channels is None:
+        channels = plan["channels"]
+
+    out_dir = Path(out_dir)
+    _clear_output_folder(out_dir, overwrite)
+    atomic_write_text(out_dir / INCOMPLETE_MARKER,
+                      "agm_fast prepare is writing this folder, or was stopped: it is complete "
+                      "only when manifest.json exists. Run the same prepare again to finish it.\n")
+
+    jobs = plan["jobs"]
+    name_digits = max(MIN_NAME_DIGITS, len(str(len(jobs) - 1)))
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 8) if len(jobs) >= PARALLEL_FROM else 0
+    convert = functools.partial(convert_job, resolution=resolution, channels=channels)
+
+    from tqdm import tqdm
+
+    checksum = hashlib.sha256()
+    written_from, skipped, upscaled = [], [], 0
+    bar = tqdm(total=len(jobs), desc=f"prepare {plan['source']['kind']}", unit="img",
+               disable=None if progress else True, mininterval=1.0)
+    with bar:
+        for label, png_bytes, pixel_digest, was_upscaled, reason in _run(convert, jobs, workers):
+            bar.update(1)
+            if reason is not None:
+                skipped.append({"file": label, "reason": reason})
+                continue
+            name = f"{len(written_from):0{name_digits}d}.png"
+            (out_dir / name).write_bytes(png_bytes)
+            checksum.update(pixel_digest)
+            written_from.append(label)
+            upscaled += was_upscaled
+
+    if not written_from:
+        (out_dir / INCOMPLETE_MARKER).unlink()
+        first = skipped[0]
+        raise ValueError(f"none of the {len(skipped)} image files in {plan['source']['path']} "
+                         f"could be read (first: {first['file']}: {first['reason']})")
+    if skipped:
+        log.warning("skipped %d of %d files that could not be read (listed in %s; first: %s: %s)",
+                    len(skipped), len(jobs), out_dir / MANIFEST_NAME, skipped[0]["file"],
+                    skipped[0]["reason"])
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "agm_fast_version": __version__,
+        "count": len(written_from),
+        "resolution": resolution,
+        "channels": channels,
+        "image_names": f"{{:0{name_digits}d}}.png, index 0 to count-1",
+        "checksum": "sha256:" + checksum.hexdigest(),
+        "checksum_of": "sha256 over the sha256 digests of each image's uint8 pixels "
+                       "(row-major, H×W for 1 channel, H×W×3 for 3), in index order",
+        "conversion": plan["conversion"],
+        "upscaled": upscaled,
+        "source": plan["source"],
+        "skipped": skipped,
+        "source_files": written_from if plan["list_sources"] else "see source",
+    }
+    atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    (out_dir / INCOMPLETE_MARKER).unlink()
+    return manifest
+
+
+def _run(convert, jobs, workers: int):
+    """convert(job) for every job, results in job order; on `workers` threads when > 0 (Pillow
+    and hashlib release the GIL while they decode, resize, encode and hash; threads need no
+    __main__ guard in the caller's script, unlike processes). At most 4 × workers in flight."""
+    if workers == 0 or len(jobs) < 2:
+        yield from map(convert, jobs)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        in_flight = collections.deque()
+        for job in jobs:
+            in_flight.append(pool.submit(convert, job))
+            if len(in_flight) >= 4 * workers:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+
+
+# ----------------------------------------------------------------------------- one image
+
+def convert_job(job, resolution: int, channels: int):
+    """One source image → (label, png_bytes, pixel_sha256_digest, upscaled, None), or
+    (label, None, None, False, reason) when it cannot be decoded. job = (label, payload) with
+    payload a file path, the file's bytes, or a uint8 [H, W] array (grey)."""
+    from PIL import Image
+
+    label, payload = job
+    try:
+        if isinstance(payload, np.ndarray):
+            pixels, upscaled = square_pixels(Image.fromarray(payload), resolution, channels)
+        else:
+            if isinstance(payload, bytes):
+                size, file = len(payload), io.BytesIO(payload)
+            else:
+                size, file = os.path.getsize(payload), payload
+            if size == 0:
+                return label, None, None, False, "empty file (0 bytes)"
+            with Image.open(file, formats=DECODER_FORMATS) as im:
+                pixels, upscaled = square_pixels(im, resolution, channels)
+    except Image.UnidentifiedImageError:
+        return label, None, None, False, "not a JPEG, PNG or WebP image (unrecognised content)"
+    except Exception as e:  # Pillow raises many types for corrupt data; all mean "skip this file"
+        message = str(e).replace(str(payload), "<file>") if isinstance(payload, str) else str(e)
+        return label, None, None, False, f"cannot decode: {type(e).__name__}: {message}"
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return label, buffer.getvalue(), hashlib.sha256(pixels.tobytes()).digest(), upscaled, None
+
+
+def square_pixels(im, resolution: int, channels: int) -> tuple[np.ndarray, bool]:
+    """A Pillow image → uint8 [R, R] (channels 1) or [R, R, 3], and whether it was upscaled.
+
+    EXIF orientation applied; 16-bit grey scaled to 8 bits; palette, CMYK, 1-bit and grey
+    converted; any transparency composited on white; centre-cropped to a square, then resized
+    with Lanczos (reducing_gap: a big JPEG is decoded at 1/2, 1/4 or 1/8 scale first)."""
+    from PIL import Image, ImageOps
+
+    im.seek(0)   # the first frame of an animated image
+    im.draft(None, (int(resolution * REDUCING_GAP),) * 2)   # JPEG only; keeps ≥ 3× the target
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):   # 16-bit grey PNG
+        grey16 = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(grey16 / 257.0 + 0.5, 0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im.convert("RGBA"))
+    im = im.convert("L" if channels == 1 else "RGB")
+
+    width, height = im.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    if width != height:   # crop first: resize(box=…) would blend in pixels outside the box
+        im = im.crop((left, top, left + side, top + side))
+    if side != resolution:
+        im = im.resize((resolution, resolution), Image.Resampling.LANCZOS,
+                       reducing_gap=REDUCING_GAP)
+    return np.asarray(im, dtype=np.uint8).copy(), side < resolution
+
+
+# ----------------------------------------------------------------------------- sources
+
+def _plan_folder(source, out_dir) -> dict:
+    root = Path(source)
+    kinds = "/".join(e[1:] for e in FOLDER_EXTENSIONS)
+    if not root.exists():
+        raise ValueError(f"source folder {str(root)!r} does not exist (give an image folder, "
+                         f"'fashion-mnist' or 'emoji')")
+    if not root.is_dir():
+        raise ValueError(f"source {str(root)!r} is a file, not a folder of images ({kinds})")
+    root_real, out_real = root.resolve(), Path(out_dir).resolve()
+    if out_real == root_real or root_real in out_real.parents or out_real in root_real.parents:
+        raise ValueError(f"--out {str(out_dir)!r} must lie outside the source folder "
+                         f"{str(root)!r} and must not contain it")
+
+    files, ignored, seen_dirs = [], 0, set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:   # a symlink loop, or the same folder linked twice
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(FOLDER_EXTENSIONS):
+                files.append(os.path.join(dirpath, name))
+            else:
+                ignored += 1
+    if not files:
+        raise ValueError(f"no image files ({kinds}) found under {str(root)!r}")
+    relative = {f: Path(f).relative_to(root).as_posix() for f in files}
+    files.sort(key=relative.get)   # sorted on "/"-separated relative paths: same on every machine
+    return {
+        "source": {"kind": "folder", "path": str(root_real), "image_files": len(files),
+                   "other_files_ignored": ignored},
+        "channels": 3,
+        "jobs": [(relative[f], f) for f in files],
+        "list_sources": True,
+        "conversion": "EXIF orientation applied, 16-bit scaled to 8-bit, transparency composited "
+                      "on white, centre crop to a square, Lanczos resize (reducing_gap 3)",
+    }
+
+
+def _plan_fashion_mnist(fashion_mnist_dir) -> dict:
+    folder = Path(fashion_mnist_dir) if fashion_mnist_dir else _find_fashion_mnist()
+    if not folder.is_dir():
+        raise ValueError(f"Fashion-MNIST folder {str(folder)!r} does not exist")
+    jobs, files = [], []
+    for name in FASHION_MNIST_FILES:
+        path = folder / name
+        if not path.is_file() and (folder / name[:-3]).is_file():   # already gunzipped
+            path = folder / name[:-3]
+        if not path.is_file():
+            raise ValueError(f"Fashion-MNIST file {name} not found in {str(folder)!r} (expected "
+                             f"{' and '.join(FASHION_MNIST_FILES)})")
+        raw = path.read_bytes()
+        images = read_idx_images(raw, path)
+        files.append({"name": path.name, "images": len(images),
+                      "sha256": hashlib.sha256(raw).hexdigest()})
+        jobs += [(f"{path.name}[{i}]", image) for i, image in enumerate(images)]
+    return {
+        "source": {"kind": "fashion-mnist", "path": str(folder.resolve()), "files": files,
+                   "order": "the train file's images in file order, then the t10k file's"},
+        "channels": 1,
+        "jobs": jobs,
+        "list_sources": False,
+        "conversion": "28×28 grey kept as is at resolution 28, else Lanczos resize",
+    }
+
+
+def _find_fashion_mnist() -> Path:
+    hint = (f"pass --fashion-mnist-dir DIR (the folder holding {' and '.join(FASHION_MNIST_FILES)}) "
+            f"or install the Debian package {FASHION_MNIST_DEBIAN_PACKAGE}")
+    if shutil.which("dpkg") is None:
+        raise ValueError(f"Fashion-MNIST files not found: {hint}")
+    listing = subprocess.run(["dpkg", "-L", FASHION_MNIST_DEBIAN_PACKAGE], capture_output=True,
+                             text=True, timeout=60)
+    for line in listing.stdout.splitlines() if listing.returncode == 0 else []:
+        if line.strip().endswith("/" + FASHION_MNIST_FILES[0]):
+            return Path(line.strip()).parent
+    raise ValueError(f"Fashion-MNIST files not found ({FASHION_MNIST_DEBIAN_PACKAGE} is not "
+                     f"installed): {hint}")
+
+
+def read_idx_images(raw: bytes, path) -> np.ndarray:
+    """An idx3-ubyte file (gzipped or not) → uint8 [N, rows, cols]; ValueError naming `path`
+    for anything that is not one (magic number, dimensions, length all checked)."""
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise ValueError(f"{path}: not a readable gzip file ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{path}: not an idx file (magic number {raw[:4].hex() or 'missing'}, "
+                         f"expected 00000803)")
+    dtype_code, ndim = raw[2], raw[3]
+    if dtype_code != 0x08 or ndim != 3:
+        raise ValueError(f"{path}: idx magic 0000{dtype_code:02x}{ndim:02x} is not unsigned-byte "
+                         f"images (expected 00000803: type 0x08, 3 dimensions)")
+    if len(raw) < 16:
+        raise ValueError(f"{path}: idx header truncated ({len(raw)} bytes, expected 16)")
+    count, rows, cols = (int(d) for d in np.frombuffer(raw, dtype=">u4", count=3, offset=4))
+    if rows < 1 or cols < 1:
+        raise ValueError(f"{path}: idx header gives images of {rows}×{cols} pixels")
+    expected = 16 + count * rows * cols
+    if len(raw) != expected:
+        raise ValueError(f"{path}: idx header says {count} images of {rows}×{cols} "
+                         f"({expected} bytes) but the data has {len(raw)} bytes")
+    if count == 0:
+        raise ValueError(f"{path}: idx file holds no images")
+    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(count, rows, cols)
+
+
+def _plan_emoji(emoji_package, cache_dir) -> dict:
+    if emoji_package is not None:
+        package = Path(emoji_package)
+        if not package.exists():
+            raise ValueError(f"emoji package {str(package)!r} does not exist (give the .tgz that "
+                             f"`npm pack {EMOJI_PACKAGE}@{EMOJI_VERSION}` writes, or its unpacked "
+                             f"folder)")
+    else:
+        package = _fetch_emoji_package(cache_dir)
+
+    source = {"kind": "emoji", "package": f"{EMOJI_PACKAGE}@{EMOJI_VERSION}",
+              "path": str(package.resolve())}
+    if package.is_dir():
+        images = _emoji_images_from_folder(package)
+    else:
+        images = _emoji_images_from_tarball(package)
+        integrity = npm_integrity(package.read_bytes())
+        source["integrity"] = integrity
+        if integrity != EMOJI_INTEGRITY:
+            log.warning("%s is not the pinned %s@%s tarball (integrity %s); preparing it anyway",
+                        package, EMOJI_PACKAGE, EMOJI_VERSION, integrity)
+    source["image_files"] = len(images)
+    return {
+        "source": source,
+        "channels": 3,
+        "jobs": images,
+        "list_sources": True,
+        "conversion": "64×64 RGBA composited on white; Lanczos resize when resolution is not 64",
+    }
+
+
+def _emoji_images_from_tarball(path: Path) -> list:
+    prefix = f"package/{EMOJI_IMAGE_DIR}/"
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = sorted((m for m in tar.getmembers() if m.isfile()
+                              and m.name.startswith(prefix) and m.name.endswith(".png")
+                              and "/" not in m.name[len(prefix):]), key=lambda m: m.name)
+            images = [(m.name[len("package/"):], tar.extractfile(m).read()) for m in members]
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: not a readable .tgz ({e})") from None
+    if not images:
+        raise ValueError(f"{path}: no {prefix}*.png in the tarball (not an {EMOJI_PACKAGE} package)")
+    return images
+
+
+def _emoji_images_from_folder(folder: Path) -> list:
+    for image_dir in (folder / "package" / EMOJI_IMAGE_DIR, folder / EMOJI_IMAGE_DIR):
+        if image_dir.is_dir():
+            files = sorted(p for p in image_dir.iterdir() if p.suffix == ".png" and p.is_file())
+            if files:
+                return [(f"{EMOJI_IMAGE_DIR}/{p.name}", str(p)) for p in files]
+    raise ValueError(f"{str(folder)!r}: no {EMOJI_IMAGE_DIR}/*.png inside (not an unpacked "
+                     f"{EMOJI_PACKAGE} package)")
+
+
+def _fetch_emoji_package(cache_dir) -> Path:
+    """The pinned tarball in the cache folder; fetched with `npm pack` when missing there."""
+    if cache_dir is None:
+        cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "agm_fast"
+    cache_dir = Path(cache_dir)
+    tarball = cache_dir / f"{EMOJI_PACKAGE}-{EMOJI_VERSION}.tgz"
+    if tarball.is_file() and npm_integrity(tarball.read_bytes()) == EMOJI_INTEGRITY:
+        return tarball
+
+    spec = f"{EMOJI_PACKAGE}@{EMOJI_VERSION}"
+    offline_hint = f"or pass --emoji-package PATH to a copy of {tarball.name} made elsewhere"
+    npm = shutil.which("npm")
+    if npm is None:
+        raise ValueError(f"the emoji source needs npm to fetch {spec} (install Node.js and npm), "
+                         f"{offline_hint}")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log.info("fetching %s with npm pack into %s", spec, cache_dir)
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".npm-pack-") as work:
+        try:
+            result = subprocess.run([npm, "pack", spec, "--ignore-scripts"], cwd=work,
+                                    capture_output=True, text=True, timeout=NPM_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise ValueError(f"`npm pack {spec}` did not finish in {NPM_TIMEOUT_S} s; "
+                             f"check the network, {offline_hint}") from None
+        except OSError as e:
+            raise ValueError(f"could not run npm ({e.strerror}); {offline_hint}") from None
+        fetched = sorted(Path(work).glob("*.tgz"))
+        if result.returncode != 0 or len(fetched) != 1:
+            lines = [ln.strip() for ln in (result.stderr + result.stdout).splitlines() if ln.strip()]
+            errors = [ln for ln in lines if "ERR" in ln] or lines
+            why = " | ".join(errors[:3]) if errors else "no output"
+            raise ValueError(f"`npm pack {spec}` failed (exit {result.returncode}): {why}; "
+                             f"check the network, {offline_hint}")
+        integrity = npm_integrity(fetched[0].read_bytes())
+        if integrity != EMOJI_INTEGRITY:
+            raise ValueError(f"`npm pack {spec}` gave a tarball with integrity {integrity}, not "
+                             f"the pinned {EMOJI_INTEGRITY}")
+        os.replace(fetched[0], tarball)
+    return tarball
+
+
+def npm_integrity(data: bytes) -> str:
+    """npm's integrity string for a tarball: "sha512-" + base64 of the sha512 digest."""
+    return "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode("ascii")
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+def read_manifest(folder):
+    """The manifest of a prepared folder, or None when there is none (or not one of ours)."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT \
+        else None
+
+
+def _clear_output_folder(out_dir: Path, overwrite: bool) -> None:
+    """Make out_dir an empty place to write into: create it, or empty a previous prepare's
+    output (its manifest first, so it never looks complete meanwhile), or — only with
+    overwrite — delete whatever is in it."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {str(out_dir)!r} is a file, not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = list(out_dir.iterdir())
+    if not entries:
+        return
+    previous = read_manifest(out_dir) is not None or (out_dir / INCOMPLETE_MARKER).exists()
+    if previous:
+        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        for entry in entries:
+            if IMAGE_NAME_RE.match(entry.name) and entry.is_file():
+                entry.unlink()
+        return
+    if not overwrite:
+        raise ValueError(f"--out {str(out_dir)!r} is not empty and is not a previous prepare's "
+                         f"output; choose another folder or pass --overwrite to delete its contents")
+    if out_dir.resolve() in (Path.home().resolve(), Path(out_dir.resolve().anchor)):
+        raise ValueError(f"refusing to delete the contents of {str(out_dir)!r}")
+    log.warning("--overwrite: deleting the %d entries in %s", len(entries), out_dir)
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def load_prepared(folder, verify: bool = True) -> tuple[np.ndarray, dict]:
+    """A prepared folder → (uint8 [N, R, R, C] images in index order, manifest). With verify,
+    the count, sizes and checksum must match the manifest (ValueError otherwise)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise ValueError(f"{str(folder)!r} is not a complete prepared folder (no {MANIFEST_NAME} "
+                         f"of format {MANIFEST_FORMAT}); run agm-fast prepare")
+    count, resolution, channels = manifest["count"], manifest["resolution"], manifest["channels"]
+    digits = max(MIN_NAME_DIGITS, len(str(count - 1)))
+    images = np.empty((count, resolution, resolution, channels), dtype=np.uint8)
+    checksum = hashlib.sha256()
+    for i in range(count):
+        path = folder / f"{i:0{digits}d}.png"
+        try:
+            with Image.open(path, formats=("PNG",)) as im:
+                pixels = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+        except Exception as e:  # missing or damaged file: the folder is not what the manifest says
+            raise ValueError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+        if pixels.shape[:2] != (resolution, resolution):
+            raise ValueError(f"{path}: {pixels.shape[1]}×{pixels.shape[0]} pixels, the manifest "
+                             f"says {resolution}×{resolution}")
+        images[i] = pixels.reshape(resolution, resolution, channels)
+        if verify:
+            checksum.update(hashlib.sha256(pixels.tobytes()).digest())
+    if verify and "sha256:" + checksum.hexdigest() != manifest["checksum"]:
+        raise ValueError(f"{str(folder)!r}: the images do not match the manifest's checksum "
+                         f"(changed after prepare?); run agm-fast prepare again")
+    return images, manifest
+
+
+# ----------------------------------------------------------------------------- CLI hooks
+
+def add_arguments(parser) -> None:
+    """The `agm-fast prepare` arguments, on an argparse (sub)parser."""
+    parser.add_argument("source", help="an image folder (recursive: jpg, jpeg, png, webp), "
+                                       "'fashion-mnist' or 'emoji' (a folder named so: ./emoji)")
+    parser.add_argument("--out", required=True, help="the folder to write (PNGs + manifest.json)")
+    parser.add_argument("--resolution", type=int, required=True, help="output side in pixels")
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                        help="1 grey or 3 RGB (default: 1 for fashion-mnist, 3 otherwise)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the contents of a non-empty --out that is not a previous "
+                             "prepare's output (a previous output is always replaced)")
+    parser.add_argument("--fashion-mnist-dir", default=None,
+                        help="folder with train-images-idx3-ubyte.gz and t10k-images-idx3-ubyte.gz "
+                             f"(default: where the Debian package {FASHION_MNIST_DEBIAN_PACKAGE} "
+                             "put them)")
+    parser.add_argument("--emoji-package", default=None,
+                        help=f"{EMOJI_PACKAGE}-{EMOJI_VERSION}.tgz or its unpacked folder "
+                             "(default: fetched once with npm pack into the cache folder)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where the fetched emoji package is kept (default: the user cache)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoding threads (0: none; default: up to 8 for big sources)")
+
+
+def run(args) -> int:
+    """`agm-fast prepare` with add_arguments' parsed args. Errors a user can fix are ValueError
+    (one line); the CLI prints them."""
+    if not log.handlers and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    manifest = prepare(args.source, args.out, args.resolution, args.channels,
+                       overwrite=args.overwrite, fashion_mnist_dir=args.fashion_mnist_dir,
+                       emoji_package=args.emoji_package, cache_dir=args.cache_dir,
+                       workers=args.workers)
+    skipped = len(manifest["skipped"])
+    print(f"prepared {manifest['count']} images ({manifest['resolution']}×{manifest['resolution']}, "
+          f"{manifest['channels']} channel{'s' if manifest['channels'] > 1 else ''}) in {args.out}"
+          + (f"; skipped {skipped} unreadable file{'s' if skipped > 1 else ''} (see "
+             f"{MANIFEST_NAME})" if skipped else "") + f"; checksum {manifest['checksum']}")
+    return 0
