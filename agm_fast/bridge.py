@@ -18,9 +18,6 @@ import torch
 
 from . import checks, rng
 
-check_sigma = checks.sigma  # old name, kept until its callers use agm_fast.checks.sigma
-
-
 def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-sample t [B] → [B, 1, 1, ...] to broadcast over a sample's elements."""
     return t.reshape(-1, *([1] * (like.dim() - 1)))

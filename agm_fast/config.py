@@ -1,6 +1,6 @@
 """Configuration: nested dataclasses, named presets (configs/*.toml) and `--set a.b=value` overrides.
 
-Every interpretation DESIGN.md §1 makes where the paper is silent is a field here, so a
+Every interpretation docs/design.md §1 makes where the paper is silent is a field here, so a
 researcher can swap it without touching kernels. Errors are one line and name the field and
 what is allowed (ConfigError).
 """
@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import checks
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -22,104 +24,120 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the field and what is allowed."""
 
 
+# Each field declares its default, and where it has them its allowed values (choice) or range
+# (num: [lo, hi] with open ends marked; inf_off: +inf means "off"). CHOICES and RANGES below are
+# read off these declarations; the README's configuration table is tested against them.
+
+def choice(default: str, allowed: tuple[str, ...]):
+    return field(default=default, metadata={"choices": tuple(allowed)})
+
+
+def num(default, lo=None, hi=None, *, lo_open=False, hi_open=False, inf_off=False):
+    return field(default=default, metadata={"range": (lo, hi, not lo_open, not hi_open), "inf_off": inf_off})
+
+
+def int_list(default: list, *, min_len: int, max_len: int | None = None, lo: int = 1):
+    return field(default_factory=lambda: list(default), metadata={"int_list": (min_len, max_len, lo)})
+
+
 @dataclass
 class DataConfig:
-    dataset: str = "shapes"            # shapes (embedded procedural) | folder (images under data.path)
+    dataset: str = choice("shapes", ("shapes", "folder"))  # shapes (embedded procedural) | folder (images under data.path)
     path: str = ""                     # image folder for dataset=folder (searched recursively)
-    resolution: int = 32               # images are centre-cropped and resized to this square size
+    resolution: int = num(32, 4, 4096)  # images are centre-cropped and resized to this square size
     channels: int = 3                  # 3 = RGB, 1 = grey
-    num_images: int = 20000            # size of the procedural dataset (dataset=shapes)
+    num_images: int = num(20000, 1)    # size of the procedural dataset (dataset=shapes)
     hflip: bool = False                # random horizontal flips (keyed noise, so resume is exact)
-    loader: str = "auto"               # auto | torch | dali
-    workers: int = 0                   # DataLoader worker processes
+    loader: str = choice("auto", ("auto", "torch", "dali"))  # auto | torch | dali
+    workers: int = num(0, 0, 64)       # DataLoader worker processes
 
 
 @dataclass
 class ModelConfig:
-    channels: int = 64                 # base channel count of the drift U-Net
-    channel_mult: list = field(default_factory=lambda: [1, 2, 2])  # per-level multipliers
-    num_blocks: int = 1                # residual blocks per level
-    attn_resolutions: list = field(default_factory=lambda: [8])    # feature sizes with attention
-    num_heads: int = 4                 # attention heads
-    dropout: float = 0.0               # dropout in residual blocks
-    attention: str = "auto"            # auto | xformers | sdpa | math
-    time_injection: str = "add"        # add (GN(h) + e(t)) | scale_shift (ADM: GN(h)·(1 + s) + b)
-    predicts: str = "drift"            # drift | x1 (drift = (x̂1 - x_t)/(1-t), loss on x1)
+    channels: int = num(64, 2)         # base channel count of the drift U-Net (≥ 2: the sinusoidal embedding)
+    channel_mult: list = int_list([1, 2, 2], min_len=1)  # per-level multipliers
+    num_blocks: int = num(1, 1)        # residual blocks per level
+    attn_resolutions: list = int_list([8], min_len=0)    # feature sizes with attention
+    num_heads: int = num(4, 1)         # attention heads
+    dropout: float = num(0.0, 0, 1, hi_open=True)  # dropout in residual blocks
+    attention: str = choice("auto", checks.ATTENTION)     # auto | xformers | sdpa | math
+    time_injection: str = choice("add", checks.TIME_INJECTIONS)  # add (GN(h) + e(t)) | scale_shift (ADM: GN(h)·(1 + s) + b)
+    predicts: str = choice("drift", checks.PREDICTS)     # drift | x1 (drift = (x̂1 - x_t)/(1-t), loss on x1)
 
 
 @dataclass
 class PotentialConfig:
-    channels: list = field(default_factory=lambda: [16, 32, 64])   # the three stride-2 convs
-    time_input: str = "channel"        # channel (t as a constant input channel) | film
-    film_dim: int = 32                 # width of the t-embedding feeding FiLM (time_input=film)
-    margin: float = 1.0                # hinge margin m of paper Eq. 10
-    negatives: str = "pixel_shuffle"   # pixel_shuffle | patch_shuffle | noise
-    patch: int = 4                     # tile size for negatives=patch_shuffle
+    channels: list = int_list([16, 32, 64], min_len=3, max_len=3)  # the three stride-2 convs
+    time_input: str = choice("channel", checks.TIME_INPUTS)  # channel (t as a constant input channel) | film
+    film_dim: int = num(32, 2)         # width of the t-embedding feeding FiLM (time_input=film)
+    margin: float = num(1.0, 0, lo_open=True)  # hinge margin m of paper Eq. 10
+    negatives: str = choice("pixel_shuffle", checks.NEGATIVES)  # pixel_shuffle | patch_shuffle | noise
+    patch: int = num(4, 1)             # tile size for negatives=patch_shuffle
 
 
 @dataclass
 class BridgeConfig:
-    sigma: float = 0.5                 # bridge noise σ; 0 = rectified flow (ODE sampling)
-    t_min: float = 0.0                 # t ~ U[t_min, 1 - t_eps]
-    t_eps: float = 1e-3                # keeps t away from 1 where the drift target blows up
+    sigma: float = num(0.5, 0)         # bridge noise σ; 0 = rectified flow (ODE sampling)
+    t_min: float = num(0.0, 0, 1, hi_open=True)  # t ~ U[t_min, 1 - t_eps]
+    t_eps: float = num(1e-3, 0, 1, lo_open=True, hi_open=True)  # keeps t away from 1 where the drift target blows up
 
 
 @dataclass
 class WeightsConfig:
-    scheme: str = "softmax"            # softmax (AGM) | uniform (drift-only baseline, w ≡ 1)
-    favour: str = "coherent"           # coherent (w ∝ e^(-s/τ), low V) | degenerate (focal-style)
-    tau: float = 1.0                   # softmax temperature τ
-    clip: float = 2.0                  # clamp of standardised V to ±c (inf = off); max/min w ≤ e^(2c/τ)
+    scheme: str = choice("softmax", checks.SCHEMES)     # softmax (AGM) | uniform (drift-only baseline, w ≡ 1)
+    favour: str = choice("coherent", checks.FAVOURS)    # coherent (w ∝ e^(-s/τ), low V) | degenerate (focal-style)
+    tau: float = num(1.0, 0, lo_open=True)             # softmax temperature τ
+    clip: float = num(2.0, 0, lo_open=True, inf_off=True)  # clamp of standardised V to ±c (inf = off); max/min w ≤ e^(2c/τ)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4                   # AdamW learning rate of the drift net f_θ
-    lr_potential: float = 1e-4         # AdamW learning rate of the potential V_φ
+    lr: float = num(2e-4, 0, lo_open=True)            # AdamW learning rate of the drift net f_θ
+    lr_potential: float = num(1e-4, 0, lo_open=True)  # AdamW learning rate of the potential V_φ
     betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW β1, β2 (both nets)
-    weight_decay: float = 0.0          # AdamW decoupled weight decay (both nets)
-    warmup_steps: int = 200            # linear LR warm-up
-    schedule: str = "constant"         # constant | cosine (decay to 0 at train.steps)
-    grad_clip: float = 1.0             # global grad-norm clip per net (0 = off)
+    weight_decay: float = num(0.0, 0)  # AdamW decoupled weight decay (both nets)
+    warmup_steps: int = num(200, 0)    # linear LR warm-up
+    schedule: str = choice("constant", ("constant", "cosine"))  # constant | cosine (decay to 0 at train.steps)
+    grad_clip: float = num(1.0, 0, inf_off=True)  # global grad-norm clip per net (0 = off)
 
 
 @dataclass
 class EmaConfig:
-    halflife_kimg: float = 10.0        # EMA half-life in thousands of images (EDM)
+    halflife_kimg: float = num(10.0, 0)  # EMA half-life in thousands of images (EDM)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000                  # optimiser steps
-    batch_size: int = 32               # images per optimiser step, all ranks and micro-batches
-    micro_batch: int = 0               # images per forward pass on one rank (0 = whole batch)
-    seed: int = 0                      # keys all training noise and the data order
-    kernels: str = "auto"              # auto | torch | triton (bridge sampling and fused loss)
-    precision: str = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    steps: int = num(2000, 1)          # optimiser steps
+    batch_size: int = num(32, 1)       # images per optimiser step, all micro-batches
+    micro_batch: int = num(0, 0)       # images per forward pass (0 = whole batch)
+    seed: int = num(0, 0, 2**63 - 1)   # keys all training noise and the data order
+    kernels: str = choice("auto", ("auto", "torch", "triton"))  # auto | torch | triton (bridge sampling and fused loss)
+    precision: str = choice("auto", ("auto", "fp32", "bf16"))  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     run_dir: str = "runs/default"      # checkpoints, logs, plots, samples
-    log_every: int = 10                # steps between log lines (console and train.log); metrics.jsonl gets every step
-    sample_every: int = 500            # steps between sample grids, plus one at the end (0 = off)
-    sample_grid: int = 64              # images in each grid
-    eval_images: int = 256             # images for the end-of-run quality number (0 = off)
-    ckpt_every: int = 500              # steps between checkpoints (0 = only at the end)
-    keep_ckpts: int = 2                # checkpoints kept on disk
+    log_every: int = num(10, 1)        # steps between log lines (console and train.log); metrics.jsonl gets every step
+    sample_every: int = num(500, 0)    # steps between sample grids, plus one at the end (0 = off)
+    sample_grid: int = num(64, 1, 1024)  # images in each grid
+    eval_images: int = num(256, 0)     # images for the end-of-run quality number (0 = off)
+    ckpt_every: int = num(500, 0)      # steps between checkpoints (0 = only at the end)
+    keep_ckpts: int = num(2, 1)        # checkpoints kept on disk
     init_from: str = ""                # checkpoint dir or .safetensors to fine-tune from
-    max_nonfinite: int = 10            # non-finite losses skipped before the run stops
+    max_nonfinite: int = num(10, 0)    # non-finite losses skipped before the run stops
     deterministic: bool = False        # torch deterministic algorithms (exact-resume tests)
-    threads: int = 0                   # torch CPU threads (0 = torch default)
+    threads: int = num(0, 0, 256)      # torch CPU threads (0 = torch default)
     progress: bool = True              # tqdm progress bar
 
 
 @dataclass
 class SampleConfig:
-    steps: int = 200                   # Euler–Maruyama steps N (paper: 200); needs t_eps ≤ 1/N
-    em: str = "auto"                   # auto | torch | ext (fused C++/CUDA step)
+    steps: int = num(200, 1)           # Euler–Maruyama steps N (paper: 200); needs t_eps ≤ 1/N
+    em: str = choice("auto", ("auto", "torch", "ext"))  # auto | torch | ext (fused C++/CUDA step)
     cuda_graph: bool = False           # capture one sampling step as a CUDA graph
     compile: bool = False              # torch.compile the drift net for sampling
-    bf16: bool = True                  # bf16 autocast when sampling on CUDA
-    batch_size: int = 64               # images per sampling batch
-    seed: int = 0                      # keys the sampler's noise
+    bf16: bool = True                  # bf16 autocast when sampling on CUDA (the CPU samples in fp32)
+    batch_size: int = num(64, 1)       # images per sampling batch
+    seed: int = num(0, 0, 2**63 - 1)   # keys the sampler's noise
 
 
 @dataclass
@@ -135,62 +153,26 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
-CHOICES = {
-    "data.dataset": ("shapes", "folder"),
-    "data.loader": ("auto", "torch", "dali"),
-    "model.attention": ("auto", "xformers", "sdpa", "math"),
-    "model.predicts": ("drift", "x1"),
-    "model.time_injection": ("add", "scale_shift"),
-    "potential.time_input": ("channel", "film"),
-    "potential.negatives": ("pixel_shuffle", "patch_shuffle", "noise"),
-    "weights.scheme": ("softmax", "uniform"),
-    "weights.favour": ("coherent", "degenerate"),
-    "optim.schedule": ("constant", "cosine"),
-    "train.kernels": ("auto", "torch", "triton"),
-    "train.precision": ("auto", "fp32", "bf16"),
-    "sample.em": ("auto", "torch", "ext"),
-}
+def _declared(key: str) -> dict:
+    return {f"{name}.{f.name}": f.metadata[key] for name, section in _SECTIONS.items()
+            for f in dataclasses.fields(section) if key in f.metadata}
 
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "potential": PotentialConfig, "bridge": BridgeConfig,
+             "weights": WeightsConfig, "optim": OptimConfig, "ema": EmaConfig, "train": TrainConfig,
+             "sample": SampleConfig}
+CHOICES: dict[str, tuple[str, ...]] = _declared("choices")
+RANGES: dict[str, tuple] = _declared("range")      # (low, high, low inclusive, high inclusive); None = unbounded
+INT_LISTS: dict[str, tuple] = _declared("int_list")  # (min length, max length or None, lowest value)
+INF_MEANS_OFF = tuple(k for k, off in _declared("inf_off").items() if off)
 
 
 def check_choice(key: str, value) -> str:
-    """value if it is one of CHOICES[key], else a ConfigError naming the field and what is allowed.
-
-    The one check every module uses for its choice-valued arguments, so the allowed values live
-    only in CHOICES.
-    """
+    """value if it is one of CHOICES[key], else a ConfigError naming the field and what is allowed."""
     allowed = CHOICES[key]
     if not isinstance(value, str) or value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
     return value
-
-
-# (low, high, low inclusive, high inclusive); None = unbounded on that side
-RANGES = {
-    "data.resolution": (4, 4096, True, True), "data.channels": (1, 4, True, True),
-    "data.num_images": (1, None, True, True), "data.workers": (0, 64, True, True),
-    "model.channels": (1, None, True, True), "model.num_blocks": (1, None, True, True),
-    "model.num_heads": (1, None, True, True), "model.dropout": (0, 1, True, False),
-    "potential.margin": (0, None, False, True), "potential.patch": (1, None, True, True),
-    "potential.film_dim": (2, None, True, True),
-    "bridge.sigma": (0, None, True, True), "bridge.t_min": (0, 1, True, False),
-    "bridge.t_eps": (0, 1, False, False),
-    "weights.tau": (0, None, False, True), "weights.clip": (0, None, False, True),
-    "optim.lr": (0, None, False, True), "optim.lr_potential": (0, None, False, True),
-    "optim.weight_decay": (0, None, True, True), "optim.warmup_steps": (0, None, True, True),
-    "optim.grad_clip": (0, None, True, True), "ema.halflife_kimg": (0, None, True, True),
-    "train.steps": (1, None, True, True), "train.batch_size": (1, None, True, True),
-    "train.micro_batch": (0, None, True, True), "train.seed": (0, 2**63 - 1, True, True),
-    "train.log_every": (1, None, True, True), "train.sample_every": (0, None, True, True),
-    "train.sample_grid": (1, 1024, True, True), "train.eval_images": (0, None, True, True), "train.ckpt_every": (0, None, True, True),
-    "train.keep_ckpts": (1, None, True, True), "train.max_nonfinite": (0, None, True, True),
-    "train.threads": (0, 256, True, True),
-    "sample.steps": (1, None, True, True), "sample.batch_size": (1, None, True, True),
-    "sample.seed": (0, 2**63 - 1, True, True),
-}
-
-
-INF_MEANS_OFF = ("weights.clip", "optim.grad_clip")
 
 
 # ----------------------------------------------------------------------------- introspection
@@ -370,10 +352,13 @@ def validate(cfg: Config) -> None:
             left = "[" if lo_inc else "("
             right = "]" if hi_inc else ")"
             raise ConfigError(f"{key}={v!r} is out of range {left}{lo}, {'∞' if hi is None else hi}{right}")
-    m, p, o, t = cfg.model, cfg.potential, cfg.optim, cfg.train
-    _int_list("model.channel_mult", m.channel_mult, min_len=1, lo=1)
-    _int_list("model.attn_resolutions", m.attn_resolutions, min_len=0, lo=1)
-    _int_list("potential.channels", p.channels, min_len=3, lo=1, max_len=3)
+    for key, (min_len, max_len, lo) in INT_LISTS.items():
+        v = _get(cfg, key)
+        if (not all(isinstance(x, int) and not isinstance(x, bool) and x >= lo for x in v)
+                or len(v) < min_len or (max_len is not None and len(v) > max_len)):
+            size = f"exactly {min_len}" if max_len == min_len else f"at least {min_len}"
+            raise ConfigError(f"{key}={v!r}: expected a list of {size} integers ≥ {lo}")
+    o, t = cfg.optim, cfg.train
     if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas={o.betas!r}: expected two numbers in [0, 1)")
     if cfg.bridge.t_min >= 1 - cfg.bridge.t_eps:
@@ -391,10 +376,3 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.path must name an image folder when data.dataset=folder")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device={t.device!r}: use auto, cpu, cuda or cuda:N")
-
-
-def _int_list(key, v, *, min_len, lo, max_len=None):
-    if (not all(isinstance(x, int) and not isinstance(x, bool) and x >= lo for x in v)
-            or len(v) < min_len or (max_len is not None and len(v) > max_len)):
-        size = f"exactly {min_len}" if max_len == min_len else f"at least {min_len}"
-        raise ConfigError(f"{key}={v!r}: expected a list of {size} integers ≥ {lo}")

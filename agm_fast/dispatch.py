@@ -1,4 +1,4 @@
-"""The one place that knows there is more than one implementation of a fast path (DESIGN.md §3).
+"""The one place that knows there is more than one implementation of a fast path (docs/design.md §3).
 
 Each switch resolves to (implementation, reason). `auto` means the fast path where it can run
 and the reference elsewhere; an explicit fast path that cannot run is an error, never a

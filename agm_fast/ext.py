@@ -78,11 +78,6 @@ if _C is not None:
 
 # ----------------------------------------------------------------------------- arguments
 
-def image_index_tensor(image_index, batch: int, device: torch.device) -> torch.Tensor:
-    """int base b0 → arange(b0, b0 + B); B global indices → a contiguous int64 tensor [B] on device."""
-    return checks.sample_index(image_index, batch, device, name="image_index")
-
-
 def step_tensor(step, device: torch.device) -> torch.Tensor:
     """int k (checked) → int64 tensor [1] on device; a tensor is passed on (the op checks it)."""
     if isinstance(step, torch.Tensor):
@@ -117,7 +112,7 @@ def em_step_(x: torch.Tensor, drift: torch.Tensor, *, dt: float, sigma: float, s
     _require(device)
     sigma = checks.sigma(sigma)
     lo, hi = rng.split_seed(seed)
-    idx = image_index_tensor(image_index, x.shape[0] if x.dim() else 0, device)
+    idx = checks.sample_index(image_index, x.shape[0] if x.dim() else 0, device, name="image_index")
     k = step_tensor(step, device)
     return _in_place(x, lambda xc: torch.ops.agm_fast.em_step_(xc, drift, idx, k, float(dt), sigma, lo, hi))
 

@@ -1,4 +1,4 @@
-"""Cheap, download-free sample-quality numbers (not FID: see DESIGN.md §6 for FID / FD-EffLite0).
+"""Cheap, download-free sample-quality numbers (not FID: see docs/design.md §6 for FID / FD-EffLite0).
 
 `sliced_wasserstein` compares two image sets as point clouds in pixel space: it projects both
 on fixed random unit directions and averages the 1-D Wasserstein-2 distances (sorted

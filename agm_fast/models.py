@@ -1,4 +1,4 @@
-"""The two networks of AGM (DESIGN.md §2): the drift U-Net f_θ(x_t, t) and the potential V_φ(x_t, t).
+"""The two networks of AGM (docs/design.md §2): the drift U-Net f_θ(x_t, t) and the potential V_φ(x_t, t).
 
 DriftUNet   GroupNorm + SiLU residual blocks, sinusoidal time embedding + MLP injected into every
             block (added after GroupNorm, or ADM scale-shift), stride-2 down / nearest-neighbour up
@@ -30,11 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import CHOICES, check_choice
+from . import checks
 
 logger = logging.getLogger("agm_fast")
 
-ATTENTION_BACKENDS = CHOICES["model.attention"]
+ATTENTION_BACKENDS = checks.ATTENTION
 TIME_SCALE = 1000.0  # t ∈ [0, 1] is scaled before the sinusoids so low frequencies still vary over [0, 1]
 
 
@@ -124,7 +124,7 @@ def resolve_attention(requested: str, device) -> tuple[str, str]:
 
     auto → 'xformers' when on CUDA and xformers.ops imports and runs, else 'sdpa'. An explicit
     backend that cannot run raises ValueError (no silent fallback)."""
-    check_choice("model.attention", requested)
+    checks.one_of("attention", requested, ATTENTION_BACKENDS)
     device = torch.device(device)
     allowed = ", ".join(repr(a) for a in ATTENTION_BACKENDS)
     if requested == "math":
@@ -226,31 +226,23 @@ class DriftUNet(nn.Module):
 
     def __init__(
         self, *,
-        in_channels: int = 3,            # image channels C (1 = grey)
-        resolution: int = 64,            # nominal input size; level ℓ works at resolution // 2^ℓ
-        channels: int = 128,             # base width; level ℓ has channels · channel_mult[ℓ]
-        channel_mult=(1, 2, 2, 2),       # one entry per level; len-1 downsamplings
-        num_blocks: int = 2,             # residual blocks per level in the encoder (decoder: +1)
-        attn_resolutions=(16, 8),        # self-attention at levels whose resolution // 2^ℓ is listed
-        num_heads: int = 4,              # attention heads (must divide each attended width)
-        dropout: float = 0.0,            # dropout inside residual blocks
-        attention: str = "auto",         # model.attention: 'auto' | 'xformers' | 'sdpa' | 'math'
-        time_injection: str = "add",     # 'add': GN(h) + e(t) | 'scale_shift' (ADM): GN(h)·(1 + s(t)) + b(t)
+        in_channels: int,                # image channels C (1 = grey)
+        resolution: int,                 # nominal input size; level ℓ works at resolution // 2^ℓ
+        channels: int,                   # base width (≥ 2); level ℓ has channels · channel_mult[ℓ]
+        channel_mult,                    # one entry per level; len-1 downsamplings
+        num_blocks: int,                 # residual blocks per level in the encoder (decoder: +1)
+        attn_resolutions,                # self-attention at levels whose resolution // 2^ℓ is listed
+        num_heads: int,                  # attention heads (must divide each attended width)
+        dropout: float,                  # dropout inside residual blocks
+        attention: str,                  # 'auto' | 'xformers' | 'sdpa' | 'math'
+        time_injection: str,             # 'add': GN(h) + e(t) | 'scale_shift' (ADM): GN(h)·(1 + s(t)) + b(t)
     ):
+        # The arguments are the config's model.* fields (checked there: agm_fast.config); the
+        # defaults live only in the config. Checked here: what the config cannot know.
         super().__init__()
-        check_choice("model.attention", attention)
-        check_choice("model.time_injection", time_injection)
+        checks.one_of("attention", attention, ATTENTION_BACKENDS)
+        checks.one_of("time_injection", time_injection, checks.TIME_INJECTIONS)
         channel_mult, attn_resolutions = tuple(int(m) for m in channel_mult), tuple(int(r) for r in attn_resolutions)
-        for name, value in dict(in_channels=in_channels, resolution=resolution, channels=channels,
-                                num_blocks=num_blocks, num_heads=num_heads).items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{name} must be a positive int; got {value!r}")
-        if not channel_mult or min(channel_mult) < 1:
-            raise ValueError(f"model.channel_mult must be a non-empty list of positive ints; got {channel_mult!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1); got {dropout!r}")
-        if channels < 2:
-            raise ValueError(f"model.channels must be ≥ 2 (sinusoidal embedding width); got {channels}")
         if attention == "xformers":  # fail at build time when it cannot even import; CUDA is checked per device
             ok, why = _xformers_importable()
             if not ok:
@@ -355,20 +347,16 @@ class PotentialNet(nn.Module):
 
     def __init__(
         self, *,
-        in_channels: int = 3,            # image channels C
-        resolution: int = 64,            # nominal input size (metadata; any H, W works)
-        channels=(32, 64, 128),          # width of each stride-2 Conv + GroupNorm + SiLU layer
-        time_input: str = "channel",     # 'channel': t as a constant extra input channel; 'film': FiLM
-        film_dim: int = 32,              # sinusoidal embedding width feeding FiLM ('film' only)
+        in_channels: int,                # image channels C
+        resolution: int,                 # nominal input size (metadata; any H, W works)
+        channels,                        # width of each stride-2 Conv + GroupNorm + SiLU layer
+        time_input: str,                 # 'channel': t as a constant extra input channel; 'film': FiLM
+        film_dim: int,                   # sinusoidal embedding width feeding FiLM ('film' only)
     ):
+        # the config's potential.* fields (checked there); the defaults live only in the config
         super().__init__()
-        check_choice("potential.time_input", time_input)
+        checks.one_of("time_input", time_input, checks.TIME_INPUTS)
         channels = tuple(int(c) for c in channels)
-        if not channels or min(channels) < 1:
-            raise ValueError(f"potential.channels must be a non-empty list of positive ints; got {channels!r}")
-        for name, value, low in (("in_channels", in_channels, 1), ("resolution", resolution, 1), ("film_dim", film_dim, 2)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"potential.{name} must be an int ≥ {low}; got {value!r}")
         self.arch = dict(in_channels=in_channels, resolution=resolution, channels=list(channels),
                          time_input=time_input, film_dim=film_dim)
         self.in_channels, self.time_input, self.film_dim = in_channels, time_input, film_dim

@@ -1,4 +1,4 @@
-"""Sampling: Euler–Maruyama of the EMA drift (DESIGN.md §1 "sampling", §3 "sampling loop").
+"""Sampling: Euler–Maruyama of the EMA drift (docs/design.md §1 "sampling", §3 "sampling loop").
 
     x_0 ~ N(0, I)   (rng stream SAMPLE_X0, step word 0, keyed per global image index)
     x ← x + f(x, t_k)·Δt + σ·sqrt(Δt)·z_k   on t_k = k/N, k = 0 … N−1, Δt = 1/N
@@ -20,8 +20,8 @@ import math
 import torch
 from torch import nn
 
-from . import bridge, checkpoint, dispatch, ext, images, rng
-from .config import Config, check_choice
+from . import bridge, checkpoint, checks, dispatch, ext, images, rng
+from .config import Config
 
 _DEFAULT = Config()  # the one source of every default below (docs/design.md §1)
 
@@ -37,7 +37,7 @@ def em_step_reference(x: torch.Tensor, drift: torch.Tensor, *, dt: float, sigma:
     """Pure-PyTorch EM step, in place, fp32 arithmetic in the order the fused op uses."""
     v = x.float() + drift.float() * dt
     if not last and sigma != 0:
-        idx = ext.image_index_tensor(image_index, x.shape[0], x.device)
+        idx = checks.sample_index(image_index, x.shape[0], x.device, name="image_index")
         z = rng.normal(seed, _step_int(step), idx, x[0].numel(), rng.Stream.EM, x.device).reshape(x.shape)
         v = v + (sigma * math.sqrt(dt)) * z
     x.copy_(v)
@@ -112,9 +112,9 @@ def _check_sample_args(n, shape, sigma, predicts, seed, batch_size, first_index)
     if (not isinstance(shape, (tuple, list)) or len(shape) != 3
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
         raise ValueError(f"shape must be (C, H, W) of positive ints; got {shape!r}")
-    bridge.check_sigma(sigma)
-    check_choice("model.predicts", predicts)
-    rng.split_seed(seed)
+    checks.sigma(sigma)
+    checks.one_of("predicts", predicts, checks.PREDICTS)
+    checks.seed(seed)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"sample.batch_size must be an integer ≥ 1; got {batch_size!r}")
     if isinstance(first_index, bool) or not isinstance(first_index, int) or first_index < 0 \

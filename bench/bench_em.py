@@ -69,7 +69,7 @@ def bench_op(device: torch.device, shapes, dtypes, with_rng_reference: bool) -> 
 def bench_sampler(device: torch.device, batches, steps: int) -> list[dict]:
     from agm_fast import config
     from agm_fast.models import DriftUNet, count_parameters
-    from agm_fast.trainer import drift_arch
+    from agm_fast.checkpoint import drift_arch
     arch = dict(drift_arch(config.load("celeba64", ["data.path=unused"])), dropout=0.0)
     net = DriftUNet(**arch).to(device).eval().requires_grad_(False)
     print(f"drift net res64: {count_parameters(net) / 1e6:.1f}M parameters, bf16 autocast, {steps} steps")

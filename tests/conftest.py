@@ -2,7 +2,7 @@
 
 Triton runs on CPU tensors only in interpreter mode, which must be chosen before triton is
 imported: without CUDA, set TRITON_INTERPRET=1 here, before any test module imports kernels.
-AGM_FAST_REQUIRE=ext,triton,dali (set by .ci/run) turns "not installed" skips into failures.
+AGM_FAST_REQUIRE (set by .ci/run, e.g. ext,triton) turns "not installed" skips into failures.
 """
 
 import os

@@ -51,6 +51,13 @@ def test_round_trip_through_dict():
     ("train.run_dir=", r"train.run_dir must name a directory"),
     ("optim.lr=inf", r"optim.lr=inf must be finite"),
     ("bridge.sigma=inf", r"bridge.sigma=inf must be finite"),
+    # the nets' arguments are checked here, where the user sets them (the nets trust the config)
+    ("model.time_injection=concat", r"model.time_injection='concat' is not allowed; choose one of: add, scale_shift"),
+    ("model.attention=flash", r"model.attention='flash' is not allowed; choose one of: auto, xformers, sdpa, math"),
+    ("model.channel_mult=[]", r"model.channel_mult=\[\]: expected a list of at least 1 integers ≥ 1"),
+    ("model.channels=1", r"model.channels=1 is out of range \[2, ∞\]"),
+    ("potential.time_input=concat", r"potential.time_input='concat' is not allowed; choose one of: channel, film"),
+    ("potential.channels=[]", r"potential.channels=\[\]: expected a list of exactly 3"),
 ])
 def test_bad_values_name_the_field(override, match):
     with pytest.raises(ConfigError, match=match):

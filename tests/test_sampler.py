@@ -145,7 +145,7 @@ def test_last_step_of_a_run_adds_no_noise(monkeypatch):
 
 # 2-D Gaussian toy: x1 ~ N(μ, Σ), x0 ~ N(0, I); x_t = (1−t)x0 + t·x1 + σ·sqrt(t(1−t))·ε is Gaussian with
 # C_t = (1−t)²I + t²Σ + σ²t(1−t)I and E[x1 | x_t = x] = μ + tΣC_t⁻¹(x − tμ); the drift (E[x1|x] − x)/(1−t)
-# transports N(0, I) to N(μ, Σ) (Markovian projection of the bridge, DESIGN.md §1).
+# transports N(0, I) to N(μ, Σ) (Markovian projection of the bridge, docs/design.md §1).
 MU = np.array([0.5, -0.3])
 SIGMA_DATA = np.array([[0.6, 0.25], [0.25, 0.4]])
 
@@ -257,7 +257,7 @@ def test_checkpoint_round_trip(tmp_path, stand_in_net):
 def test_checkpoint_with_the_real_drift_unet(tmp_path):
     models = pytest.importorskip("agm_fast.models")
     arch = dict(in_channels=1, resolution=8, channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
-                num_heads=1)
+                num_heads=1, dropout=0.0, attention="auto", time_injection="add")
     net = models.DriftUNet(**arch)
     path = tmp_path / "ema.safetensors"
     _save(path, net, arch=arch)
