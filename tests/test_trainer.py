@@ -409,3 +409,13 @@ def test_sampling_grid_outside_the_trained_range_fails_before_training(tmp_path)
     with pytest.raises(ConfigError, match=r"t_min=0.1.*train.sample_every=0"):
         Trainer(tiny(tmp_path, "train.steps=2", "bridge.t_min=0.1", "train.sample_every=1"))
     Trainer(tiny(tmp_path, "train.steps=1", "bridge.t_min=0.1", name="nosample")).run()  # no sampling: fine
+
+
+def test_the_loader_delivers_on_the_training_device(tmp_path):
+    # the trainer once passed pin_memory but not its device: pinning was always off and the
+    # non-blocking copy went nowhere; the loader now copies to the trainer's device itself
+    tr = Trainer(tiny(tmp_path, "train.steps=1"))
+    assert tr.loader.device == tr.device
+    step, idx, x1 = next(iter(tr.loader))
+    assert x1.device == tr.device and step == 0 and idx.shape == (tr.cfg.train.batch_size,)
+    assert tr.loader.pin_memory == (tr.device.type == "cuda")
