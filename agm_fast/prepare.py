@@ -72,8 +72,6 @@ EMOJI_INTEGRITY = ("sha512-ZRexfzs7MVoLnmzZmNsO4TKhnAJp5D++Vm6PpUpH/jEQQlemp3l88
                    "ZkOPJCoT8DlPhfQ3A==")
 NPM_TIMEOUT_S = 900
 
-SOURCE_NAMES = ("fashion-mnist", "emoji")
-
 
 # ----------------------------------------------------------------------------- the entry point
 
@@ -153,10 +151,10 @@ def prepare(source, out_dir, resolution: int, channels: int | None = None, *,
         "count": len(written_from),
         "resolution": resolution,
         "channels": channels,
-        "image_names": f"{{:0{name_digits}d}}.png, index 0 to count-1",
+        "image_names": f"{{:0{name_digits}d}}.png",   # .format(index), index 0 … count-1
         "checksum": "sha256:" + checksum.hexdigest(),
         "checksum_of": "sha256 over the sha256 digests of each image's uint8 pixels "
-                       "(row-major, H×W for 1 channel, H×W×3 for 3), in index order",
+                       "(row-major, HxW for 1 channel, HxWx3 for 3), in index order",
         "conversion": plan["conversion"],
         "upscaled": upscaled,
         "source": plan["source"],
@@ -314,7 +312,7 @@ def _plan_fashion_mnist(fashion_mnist_dir) -> dict:
         "channels": 1,
         "jobs": jobs,
         "list_sources": False,
-        "conversion": "28×28 grey kept as is at resolution 28, else Lanczos resize",
+        "conversion": "28x28 grey kept as is at resolution 28, else Lanczos resize",
     }
 
 
@@ -388,7 +386,7 @@ def _plan_emoji(emoji_package, cache_dir) -> dict:
         "channels": 3,
         "jobs": images,
         "list_sources": True,
-        "conversion": "64×64 RGBA composited on white; Lanczos resize when resolution is not 64",
+        "conversion": "64x64 RGBA composited on white; Lanczos resize when resolution is not 64",
     }
 
 
@@ -506,8 +504,8 @@ def _clear_output_folder(out_dir: Path, overwrite: bool) -> None:
 
 
 def load_prepared(folder, verify: bool = True) -> tuple[np.ndarray, dict]:
-    """A prepared folder → (uint8 [N, R, R, C] images in index order, manifest). With verify,
-    the count, sizes and checksum must match the manifest (ValueError otherwise)."""
+    """A prepared folder → (uint8 [N, R, R, C] images in index order, manifest). Every image
+    must exist at the manifest's size, and with verify the checksum must match (ValueError)."""
     from PIL import Image
 
     folder = Path(folder)
@@ -516,11 +514,13 @@ def load_prepared(folder, verify: bool = True) -> tuple[np.ndarray, dict]:
         raise ValueError(f"{str(folder)!r} is not a complete prepared folder (no {MANIFEST_NAME} "
                          f"of format {MANIFEST_FORMAT}); run agm-fast prepare")
     count, resolution, channels = manifest["count"], manifest["resolution"], manifest["channels"]
-    digits = max(MIN_NAME_DIGITS, len(str(count - 1)))
+    if not re.fullmatch(r"\{:0[0-9]+d\}\.png", str(manifest.get("image_names"))):
+        raise ValueError(f"{str(folder)!r}: manifest image_names {manifest.get('image_names')!r} "
+                         f"is not of the form {{:06d}}.png")
     images = np.empty((count, resolution, resolution, channels), dtype=np.uint8)
     checksum = hashlib.sha256()
     for i in range(count):
-        path = folder / f"{i:0{digits}d}.png"
+        path = folder / manifest["image_names"].format(i)
         try:
             with Image.open(path, formats=("PNG",)) as im:
                 pixels = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)

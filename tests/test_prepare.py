@@ -103,6 +103,7 @@ def test_manifest_schema(mixed_folder, tmp_path):
     assert manifest["format"] == prep.MANIFEST_FORMAT and manifest["agm_fast_version"] == __version__
     assert (manifest["count"], manifest["resolution"], manifest["channels"]) == (5, 8, 1)
     assert manifest["checksum"].startswith("sha256:") and len(manifest["checksum"]) == 7 + 64
+    assert manifest["image_names"] == "{:06d}.png"
     assert manifest["source"]["kind"] == "folder"
     assert manifest["source"]["path"] == str(mixed_folder.resolve())
     assert manifest["source"]["image_files"] == 8 and manifest["source"]["other_files_ignored"] == 1
