@@ -308,29 +308,30 @@ def read_drift_meta(path) -> dict:
     if raw.get("format") != DRIFT_FORMAT:
         raise CheckpointError(f"{path} is not an agm_fast drift checkpoint (metadata format={raw.get('format')!r}, "
                               f"expected {DRIFT_FORMAT!r})")
-    missing = [k for k in DRIFT_META_KEYS if k not in raw]
-    if missing:
-        raise CheckpointError(f"{path}: drift checkpoint metadata lacks {', '.join(missing)}")
     if n_tensors == 0:
         raise CheckpointError(f"{path} holds no EMA drift weights")
     try:
+        missing = [k for k in DRIFT_META_KEYS if k not in raw]
+        if missing:
+            raise KeyError(f"it lacks {', '.join(missing)}")
         meta = {"format": raw["format"], "drift_arch": json.loads(raw["drift_arch"]), "predicts": raw["predicts"],
                 "sigma": float(raw["sigma"]), "t_min": float(raw["t_min"]), "t_eps": float(raw["t_eps"]),
                 "config": json.loads(raw["config"]), "step": int(raw["step"])}
-    except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{path}: unreadable drift checkpoint metadata ({err})") from None
-    if not isinstance(meta["drift_arch"], dict) or not isinstance(meta["config"], dict):
-        raise CheckpointError(f"{path}: drift_arch and config metadata must be JSON objects")
-    if meta["predicts"] not in CHOICES["model.predicts"]:
-        raise CheckpointError(f"{path}: predicts={meta['predicts']!r} is not one of {CHOICES['model.predicts']}")
+        if not isinstance(meta["drift_arch"], dict) or not isinstance(meta["config"], dict):
+            raise TypeError("drift_arch and config must be JSON objects")
+        if meta["predicts"] not in CHOICES["model.predicts"]:
+            raise ValueError(f"predicts={meta['predicts']!r} is not one of {CHOICES['model.predicts']}")
+        if not {"in_channels", "resolution"} <= set(meta["drift_arch"]):
+            raise KeyError("drift_arch lacks in_channels or resolution: the image shape is unknown")
+    except (KeyError, ValueError, TypeError) as err:
+        detail = err.args[0] if isinstance(err, KeyError) else err
+        raise CheckpointError(f"{path}: unreadable drift checkpoint metadata ({detail})") from None
     return meta
 
 
 def drift_image_shape(meta: dict) -> tuple[int, int, int]:
     """(C, H, W) the file's drift net was built for, from drift_arch's in_channels and resolution."""
-    arch = meta["drift_arch"]
-    if "in_channels" not in arch or "resolution" not in arch:
-        raise CheckpointError("drift_arch lacks in_channels or resolution: cannot tell the image shape")
+    arch = meta["drift_arch"]  # read_drift_meta checked that it has both
     res = arch["resolution"]
     h, w = (res, res) if isinstance(res, int) else tuple(res)
     return int(arch["in_channels"]), int(h), int(w)
