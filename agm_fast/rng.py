@@ -12,7 +12,8 @@ Layout of one Philox call (Random123 philox4x32-10):
     counter = (element // 4, global sample index, step, stream)
 One call yields 4 uint32 words r0..r3; Box–Muller turns (r0, r1) into normals 0 and 1 and
 (r2, r3) into normals 2 and 3, so element e of a sample is lane e % 4 of block e // 4: every
-output of every draw is used. Uniforms in (0, 1) are u = (r + 0.5) · 2⁻³², computed in fp32.
+output of every draw is used. Uniforms are u = (r + 0.5) · 2⁻³² computed in fp32: in (0, 1] (the
+largest words round up to exactly 1.0 in fp32, so t = t_min + (1 - t_eps - t_min)·u reaches 1 - t_eps).
 """
 
 from __future__ import annotations

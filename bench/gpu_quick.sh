@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The most important GPU measurements, most important first, in ≤ 8 minutes on an H100, so a
-# 30-minute device budget always yields results. Run from the repo root on the GPU machine:
+# 15-minute device budget (start-up included) always yields results. Run from the repo root on the GPU machine:
 #   bash bench/gpu_quick.sh            (results: bench/results/*.json, copied to $OUT if set)
 set -uo pipefail
 cd "$(dirname "$0")/.."
