@@ -48,8 +48,9 @@ class DataConfig:
     channels: int = field(default=3, metadata={"values": {1: "grey", 3: "RGB"}})  # image channels
     num_images: int = num(20000, 1)    # size of the procedural dataset (dataset=shapes)
     hflip: bool = False                # random horizontal flips (keyed noise, so resume is exact)
-    loader: str = choice("auto", ("auto", "torch", "dali"))  # auto | torch | dali
-    workers: int = num(0, 0, 64)       # DataLoader worker processes
+    loader: str = choice("auto", ("auto", "torch", "memory", "dali"))  # auto | torch | memory | dali (README "Data loaders")
+    memory_budget_gb: float = num(4.0, 0)  # the most GB of images loader=memory keeps on the training device; auto picks memory when the set fits
+    workers: int = num(0, 0, 64)       # DataLoader worker processes; DALI CPU threads and memory decode threads (0: up to 4)
 
 
 @dataclass

@@ -9,8 +9,10 @@ to epoch g // N at position g % N of that epoch's seeded permutation. Step s wit
 trains on g ∈ [s·B, (s+1)·B); a rank or micro-batch takes a contiguous slice. So the data
 position *is* the step, and resuming at step s reproduces the run exactly.
 
-`data.loader`: "auto" and "torch" use torch.utils.data.DataLoader (workers prefetch whole
-batches); "dali" (GPU decode) is reserved for later work.
+`data.loader` (README "Data loaders"; `make_loader` picks and logs why): "torch", the reference
+(torch.utils.data.DataLoader, workers prefetch whole batches); "memory" (MemoryLoader: the whole
+set in one tensor on the training device, batches gathered there); "dali" (agm_fast.dali, the
+optional NVIDIA DALI pipeline). All three give the same (step, indices, images) stream.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import rng
 from .shapes import ShapesDataset, _check_channels, _check_int
-from .config import check_choice
+from .config import ConfigError, check_choice
+from .memory import MemoryLoader, decode_threads, host_available_bytes, stored_bytes
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,10 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        return to_unit_range(self.load_uint8(index))
+
+    def load_uint8(self, index: int) -> torch.Tensor:
+        """Image `index` as uint8 [C, R, R] (what __getitem__ maps to [-1, 1])."""
         index = int(index)
         n = len(self.files)
         if not 0 <= index < n:
@@ -106,7 +113,8 @@ class ImageFolderDataset(Dataset):
             if i in self._bad:
                 continue
             try:
-                return self._load(self.files[i])
+                x = torch.from_numpy(self._pixels(self.files[i]))
+                return (x[None] if x.dim() == 2 else x.permute(2, 0, 1)).contiguous()
             except Exception:
                 self._bad.add(i)
                 self.load_failures.append(self.files[i])
@@ -117,7 +125,7 @@ class ImageFolderDataset(Dataset):
     def load_batch(self, indices: torch.Tensor) -> torch.Tensor:
         return torch.stack([self[int(i)] for i in indices.reshape(-1)])
 
-    def _load(self, file: str) -> torch.Tensor:
+    def _pixels(self, file: str) -> np.ndarray:
         from PIL import Image, ImageOps
 
         R = self.resolution
@@ -132,10 +140,12 @@ class ImageFolderDataset(Dataset):
                 im = im.crop((left, top, left + side, top + side))
             if side != R:
                 im = im.resize((R, R), resample=Image.Resampling.LANCZOS)
-            array = np.asarray(im, dtype=np.uint8)
-        x = torch.from_numpy(array.copy()).to(torch.float32)
-        x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
-        return x.mul_(2.0 / 255.0).sub_(1.0).contiguous()
+            return np.asarray(im, dtype=np.uint8).copy()
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels → float32 in [-1, 1] (x·2/255 − 1): the one normalisation of every loader."""
+    return images.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0)
 
 
 def _to_8bit(im):
@@ -225,7 +235,20 @@ def step_indices(step: int, global_batch: int, rank_offset: int, batch_size: int
     return torch.arange(start, start + batch_size, dtype=torch.int64)
 
 
-# ----------------------------------------------------------------------------- loader
+# ----------------------------------------------------------------------------- loaders
+
+def _check_slice(dataset, batch_size: int, global_batch: int, rank_offset: int) -> None:
+    _check_int("batch_size", batch_size, 1)
+    if rank_offset + batch_size > global_batch:
+        raise ValueError(f"rank_offset + batch_size ({rank_offset} + {batch_size}) must be "
+                         f"<= global_batch ({global_batch})")
+    if len(dataset) < 1:
+        raise ValueError("dataset is empty")
+
+
+def _skipped(dataset, failures=()) -> int:
+    return len(set(getattr(dataset, "skipped", [])) | set(failures))
+
 
 class _StepBatches(Dataset):
     """Map-style view where item s is this rank's whole batch of step s (fetched in a worker)."""
@@ -263,8 +286,8 @@ class _StepSampler(Sampler):
 
 
 class BatchLoader:
-    """Yields (step, global_indices [b] CPU int64, images float32 [b, C, H, W] on `device`) for
-    steps start_step, start_step + 1, … forever.
+    """data.loader=torch, the reference. Yields (step, global_indices [b] CPU int64, images
+    float32 [b, C, H, W] on `device`) for steps start_step, start_step + 1, … forever.
 
     batch_size is this rank's chunk of one step (all its micro-batches together) and global_batch
     the whole optimiser batch over all ranks; the chunk of step s is global indices
@@ -272,19 +295,14 @@ class BatchLoader:
     workers > 0 prefetch whole batches in worker processes; workers = 0 loads in-process.
     """
 
+    name = "torch"
+
     def __init__(self, dataset, *, batch_size: int, global_batch: int, rank_offset: int = 0,
                  seed: int, start_step: int = 0, hflip: bool = False, workers: int = 0,
-                 device="cpu", pin_memory: bool = False, loader: str = "auto"):
-        if check_choice("data.loader", loader) == "dali":
-            raise ValueError("DALI loader not implemented yet: use loader='torch' or 'auto'")
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.global_batch, self.rank_offset = global_batch, rank_offset
-        if rank_offset + batch_size > global_batch:
-            raise ValueError(f"rank_offset + batch_size ({rank_offset} + {batch_size}) must be "
-                             f"<= global_batch ({global_batch})")
+                 device="cpu", pin_memory: bool = False):
+        _check_slice(dataset, batch_size, global_batch, rank_offset)
+        self.batch_size, self.global_batch, self.rank_offset = batch_size, global_batch, rank_offset
         self.seed, self.start_step, self.workers = seed, start_step, workers
-        if len(dataset) < 1:
-            raise ValueError("dataset is empty")
         self.dataset = dataset
         self.hflip = bool(hflip)
         self.device = torch.device(device)
@@ -296,7 +314,7 @@ class BatchLoader:
     @property
     def skipped_count(self) -> int:
         """Unreadable images: skipped when the dataset was scanned, plus any that failed later."""
-        return len(set(getattr(self.dataset, "skipped", [])) | self._load_failures)
+        return _skipped(self.dataset, self._load_failures)
 
     def __iter__(self):
         batches = _StepBatches(self.dataset, self.batch_size, self.global_batch,
@@ -314,14 +332,78 @@ class BatchLoader:
             yield int(step), gidx, images.to(self.device, non_blocking=non_blocking)
 
 
-def make_loader(cfg, dataset, *, device: torch.device, start_step: int, rank: int = 0,
-                world: int = 1) -> BatchLoader:
-    """The training loader of a config (data.*, train.batch_size, train.seed): this rank's
-    contiguous slice of every step's global batch, on `device`. `data.loader` picks the
-    implementation (today: the torch DataLoader; "dali" is refused)."""
-    t = cfg.train
-    per_rank = t.batch_size // world
-    return BatchLoader(dataset, batch_size=per_rank, global_batch=t.batch_size, rank_offset=rank * per_rank,
-                       seed=t.seed, start_step=start_step, hflip=cfg.data.hflip, workers=cfg.data.workers,
-                       loader=cfg.data.loader, device=device, pin_memory=True)
+def dali_status(dataset) -> tuple[bool, str]:
+    """Whether data.loader=dali can read `dataset`, and why (not)."""
+    from . import dali
 
+    ok, why = dali.status()
+    if not ok:
+        return False, why
+    if not isinstance(dataset, ImageFolderDataset):
+        return False, "DALI reads image files: it needs data.dataset=folder"
+    bad = [f for f in dataset.files if not f.lower().endswith(dali.EXTENSIONS)]
+    if bad:
+        return False, (f"DALI cannot decode {len(bad)} file(s) of the folder (first: {bad[0]}); "
+                       f"agm-fast prepare converts them")
+    return True, why
+
+
+def choose_loader(cfg, dataset, device: torch.device) -> tuple[str, str]:
+    """(loader, why) for cfg.data.loader on `device`. auto: memory when the set fits
+    data.memory_budget_gb (and half the free host memory), else DALI on CUDA where it can run,
+    else torch. An explicit choice that cannot run is a ConfigError naming the field and why."""
+    d, cuda = cfg.data, torch.device(device).type == "cuda"
+    want = check_choice("data.loader", d.loader)
+    if want == "torch":
+        return "torch", "data.loader=torch: the reference DataLoader"
+    need, budget, free = stored_bytes(dataset), d.memory_budget_gb * 1e9, host_available_bytes()
+    size = f"the set is {need / 1e6:.3g} MB"
+    if want == "memory":
+        if cuda and need <= budget:
+            return "memory", f"data.loader=memory: {size}, on {device}"
+        if need > free:
+            raise ConfigError(f"data.loader=memory cannot run: {size} but {free / 1e6:.0f} MB of "
+                              f"host memory is free; use data.loader=torch or dali")
+        return "memory", (f"data.loader=memory: {size}, in pinned host memory (over data."
+                          f"memory_budget_gb={d.memory_budget_gb:g})" if cuda else
+                          f"data.loader=memory: {size}, in host memory")
+    dali_ok, dali_why = dali_status(dataset)
+    if want == "dali":
+        if not dali_ok:
+            raise ConfigError(f"data.loader=dali cannot run: {dali_why}")
+        return "dali", f"data.loader=dali: {'GPU (mixed) decode' if cuda else 'CPU pipeline'}"
+    if need <= budget and need <= free / 2:
+        return "memory", f"auto: {size}, within data.memory_budget_gb={d.memory_budget_gb:g}"
+    over = (f"{size}, over data.memory_budget_gb={d.memory_budget_gb:g}" if need > budget
+            else f"{size}, over half the free host memory")
+    if cuda and dali_ok:
+        return "dali", f"auto: {over}; DALI decodes on the GPU"
+    return "torch", f"auto: {over}; " + (f"no DALI: {dali_why}" if cuda else "DALI only on CUDA")
+
+
+def make_loader(cfg, dataset, *, device: torch.device, start_step: int, rank: int = 0,
+                world: int = 1):
+    """The training loader of a config (data.*, train.batch_size, train.seed): this rank's
+    contiguous slice of every step's global batch, on `device`. `choose_loader` picks the
+    implementation; the choice and its reason are logged."""
+    t, d = cfg.train, cfg.data
+    name, why = choose_loader(cfg, dataset, device)
+    log.info("data.loader: %s (%s)", name, why)
+    per_rank = t.batch_size // world
+    common = dict(batch_size=per_rank, global_batch=t.batch_size, rank_offset=rank * per_rank,
+                  start_step=start_step, device=device)
+    if name == "torch":
+        return BatchLoader(dataset, seed=t.seed, hflip=d.hflip, workers=d.workers, pin_memory=True,
+                           **common)
+    _check_slice(dataset, per_rank, t.batch_size, rank * per_rank)
+    order = functools.partial(sample_order, dataset_len=len(dataset), seed=t.seed)
+    if name == "memory":
+        return MemoryLoader(dataset, order=order, normalise=to_unit_range,
+                            flip=functools.partial(hflip, seed=t.seed) if d.hflip else None,
+                            budget_bytes=d.memory_budget_gb * 1e9, threads=d.workers, **common)
+    from .dali import DaliLoader
+    return DaliLoader(dataset.files, order=order,
+                      flips=functools.partial(flip_mask, seed=t.seed) if d.hflip else None,
+                      resolution=dataset.resolution, channels=dataset.channels,
+                      threads=decode_threads(d.workers), seed=t.seed,
+                      skipped=len(dataset.skipped), **common)

@@ -119,7 +119,11 @@ def describe(device: torch.device | str = "cpu", train_kernels: str = "auto", sa
     out["triton"] = ("available" if ok else "unavailable", why)
     ok, why = _ext_status(device)
     out["agm_fast._C"] = ("available" if ok else "unavailable", why)
-    out["data.loader"] = ("torch", "DALI loader not wired yet; torch DataLoader is used")
+    from agm_fast import dali
+    ok, why = dali.status()
+    other = "dali" if ok and device.type == "cuda" else "torch"
+    out["data.loader"] = (f"memory or {other}", f"memory when the set fits data.memory_budget_gb, else {other} "
+                          f"({why}{'' if device.type == 'cuda' else '; DALI is picked only on CUDA'})")
     return out
 
 

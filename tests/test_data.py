@@ -309,12 +309,8 @@ def test_loader_accepts_plain_datasets():
 
 def test_loader_argument_errors():
     ds = ShapesDataset(8, resolution=8)
-    with pytest.raises(ValueError, match="DALI loader not implemented yet"):
-        BatchLoader(ds, batch_size=4, global_batch=4, seed=0, loader="dali")
-    with pytest.raises(ValueError, match="data.loader=.* is not allowed"):
-        BatchLoader(ds, batch_size=4, global_batch=4, seed=0, loader="fast")
     with pytest.raises(ValueError, match="rank_offset \\+ batch_size"):
         BatchLoader(ds, batch_size=4, global_batch=8, rank_offset=6, seed=0)
     with pytest.raises(ValueError, match="batch_size"):
         BatchLoader(ds, batch_size=0, global_batch=8, seed=0)
-    BatchLoader(ds, batch_size=4, global_batch=4, seed=0, loader="auto")  # auto: the torch loader here
+    BatchLoader(ds, batch_size=4, global_batch=4, seed=0)   # data.loader's choice: tests/test_loaders.py
