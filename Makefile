@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DALI_STAMP := $(VENV)/.installed-dali
 
 .PHONY: demo test install bench-cpu nvcc-check clean
 
@@ -10,7 +11,7 @@ demo: $(STAMP)
 	$(BIN)/agm-fast train --preset demo32 --set train.run_dir=runs/demo --no-resume
 	@echo "wrote runs/demo/samples.png, runs/demo/loss.png, runs/demo/metrics.json"
 
-test: $(STAMP)
+test: $(STAMP) $(DALI_STAMP)
 	$(BIN)/python -m pytest -q -ra
 
 install: $(STAMP)
@@ -29,6 +30,13 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(BIN)/python -m pip install -q --no-build-isolation -e .
 	$(BIN)/python -c "import agm_fast.ext as e; print('agm_fast._C:', e.available())"
 	touch $(STAMP)
+
+# The optional `dali` extra of pyproject.toml (data.loader=dali; ≈ 720 MB): for the tests, never
+# for the demo. Its packages go in by name, so pip neither rebuilds agm_fast._C nor fetches a torch.
+$(DALI_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q $$($(BIN)/python -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['dali']))")
+	$(BIN)/python -c "import nvidia.dali as d; print('NVIDIA DALI', d.__version__)"
+	touch $(DALI_STAMP)
 
 bench-cpu: $(STAMP)
 	$(BIN)/python bench/bench_loss_kernel.py --quick

@@ -41,7 +41,7 @@ def status() -> tuple[bool, str]:
     except (ImportError, ValueError):
         found = False
     if not found:
-        return False, "NVIDIA DALI is not installed (pip install -e '.[dali]')"
+        return False, "NVIDIA DALI is not installed (pip install --no-build-isolation -e '.[dali]')"
     try:
         return True, f"NVIDIA DALI {importlib.metadata.version(PACKAGE)}"
     except importlib.metadata.PackageNotFoundError:

@@ -264,7 +264,7 @@ def test_an_explicit_choice_that_cannot_run_is_an_error(folders, tmp_path, monke
         with_gif = data.make_dataset("folder", path=gif, resolution=R, channels=3)
         with pytest.raises(ConfigError, match="data.loader=dali cannot run: DALI cannot decode 1 file.*x.gif"):
             data.choose_loader(cfg_for(gif, "dali"), with_gif, cpu)
-    monkeypatch.setattr(dali, "status", lambda: (False, "NVIDIA DALI is not installed (pip install -e '.[dali]')"))
+    monkeypatch.setattr(dali, "status", lambda: (False, "NVIDIA DALI is not installed (pip install --no-build-isolation -e '.[dali]')"))
     with pytest.raises(ConfigError, match=r"data.loader=dali cannot run: NVIDIA DALI is not installed"):
         data.make_loader(cfg_for(folders["rgb"], "dali"), ds, device=cpu, start_step=0)
     monkeypatch.setattr(data, "host_available_bytes", lambda: 1000.0)
