@@ -136,5 +136,6 @@ class MemoryLoader:
                 copied[slot].record()
             else:
                 x = source.index_select(0, rows)
-            x = self.normalise(x) if x.dtype == torch.uint8 else x
-            yield step, gidx, self.flip(x, gidx) if self.flip is not None else x
+            if self.flip is not None:   # before normalising: a permutation, on 1-byte values
+                x = self.flip(x, gidx)
+            yield step, gidx, self.normalise(x) if x.dtype == torch.uint8 else x
