@@ -1,4 +1,4 @@
-"""Image folders, the keyed data order and the batch loader (docs/design.md §1 "Noise", §3 "data").
+"""Image folders, the keyed data order and the loaders (docs/design.md §1 "Noise", §3 "data").
 
 Datasets give float32 images in [-1, 1] shaped [C, H, W]: ImageFolderDataset (every image file
 under a folder, recursive, centre-cropped and resized) here, the procedural ShapesDataset in
