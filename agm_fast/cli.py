@@ -1,4 +1,4 @@
-"""agm-fast train | sample | info.
+"""agm-fast train | sample | eval | saliency | info.
 
 Errors a user can fix (bad config, missing files, refused options) print one line and exit 2;
 AGM_FAST_DEBUG=1 shows the traceback instead.
@@ -67,6 +67,29 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate, summary_lines
+
+    _setup_logging()
+    result = evaluate(args.ckpt, args.data, args.n, backbone=args.backbone, inception_weights=args.inception_weights,
+                      steps=args.steps, seed=args.seed, real_seed=args.real_seed, batch_size=args.batch_size,
+                      device=args.device, em=args.em, bf16=args.bf16, out_json=args.out_json, out_png=args.out_png,
+                      cache_dir=args.cache_dir)
+    print("\n".join(summary_lines(result)))
+    return 0
+
+
+def cmd_saliency(args) -> int:
+    from .evaluate import saliency
+
+    _setup_logging()
+    result = saliency(args.ckpt, args.data, n_columns=args.n_columns, out_png=args.out, seed=args.seed,
+                      device=args.device, scale=args.scale, out_json=args.out_json)
+    print(f"wrote {result['png']} ({result['rows']} rows t = {', '.join(f'{t:g}' for t in result['t'])} × "
+          f"{result['columns']} bridges; each cell x_t | |∇x V_φ|)")
+    return 0
+
+
 def cmd_info(args) -> int:
     from . import __version__, dispatch
 
@@ -113,6 +136,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=_SAMPLE.cuda_graph,
                    help="capture one step as a CUDA graph")
     s.set_defaults(fn=cmd_sample)
+
+    e = sub.add_parser("eval", help="FD (FID with --inception-weights, else FD-EffLite0), KID, precision/recall/"
+                                    "density/coverage and sliced Wasserstein of EMA samples against a dataset")
+    e.add_argument("ckpt", help="run directory, checkpoint directory or ema.safetensors")
+    e.add_argument("--data", required=True, help="dataset folder (prepared by agm-fast prepare, or any image folder)")
+    e.add_argument("--n", type=int, default=1000, help="samples drawn, and real images compared (a seeded random "
+                                                       "subset when the set is larger); at least 6")
+    e.add_argument("--backbone", choices=("inception", "efflite0"), default=None,
+                   help="feature network: inception (FID; needs --inception-weights) or efflite0 (FD-EffLite0); "
+                        "default: inception when --inception-weights is given, else efflite0")
+    e.add_argument("--inception-weights", default=None, metavar="FILE",
+                   help="the standard FID Inception-v3 weights (pt_inception-2015-12-05-*.pth or .safetensors)")
+    e.add_argument("--steps", type=int, default=None, help="Euler–Maruyama steps (default: the run's sample.steps)")
+    e.add_argument("--seed", type=int, default=_SAMPLE.seed, help="keys the sampling noise and KID's subsets")
+    e.add_argument("--real-seed", type=int, default=0, help="picks the subset of real images (default 0)")
+    e.add_argument("--batch-size", type=int, default=_SAMPLE.batch_size,
+                   help="images per sampling and feature batch")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    e.add_argument("--em", default=_SAMPLE.em, choices=CHOICES["sample.em"], help="Euler–Maruyama step implementation")
+    e.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=_SAMPLE.bf16,
+                   help="bf16 autocast when sampling on CUDA (features are always fp32)")
+    e.add_argument("--out-json", default=None, help="default: <run>/eval/eval-step<step>-<backbone>-n<N>-seed<K>.json")
+    e.add_argument("--out-png", default=None, help="samples beside real images; default: the JSON's name with .png")
+    e.add_argument("--cache-dir", default=None,
+                   help="dataset feature cache (default: $AGM_FAST_CACHE/features or ~/.cache/agm_fast/features)")
+    e.set_defaults(fn=cmd_eval)
+
+    v = sub.add_parser("saliency", help="|∇x V_φ(x_t, t)| of the potential on bridge samples (rows t = 0.1…0.9, "
+                                        "columns = bridges) as a PNG")
+    v.add_argument("ckpt", help="run directory or training checkpoint directory (V_φ is not in ema.safetensors)")
+    v.add_argument("--data", required=True, help="dataset folder whose images end the bridges")
+    v.add_argument("--n-columns", type=int, default=8, help="independent bridges (columns)")
+    v.add_argument("--out", default=None, help="PNG to write (default: <run>/eval/saliency-step<step>.png)")
+    v.add_argument("--out-json", default=None, help="also write the layout and per-t mean saliency as JSON")
+    v.add_argument("--seed", type=int, default=0, help="picks the images and keys the bridge noise")
+    v.add_argument("--scale", type=int, default=None, help="integer upscaling of each tile (default: tiles ≥ 64 px)")
+    v.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    v.set_defaults(fn=cmd_saliency)
 
     i = sub.add_parser("info", help="which implementations and backends are active, and why")
     i.add_argument("--device", default="auto")
