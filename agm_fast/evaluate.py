@@ -252,6 +252,8 @@ def _versions() -> dict:
 
 def _load_backbone(backbone: str, inception_weights, device) -> str:
     """Load (and so check) the feature network before any sampling; returns its weights digest."""
+    if backbone == "inception" and inception_weights and not Path(inception_weights).is_file():
+        raise FileNotFoundError(f"--inception-weights {inception_weights}: no such file")
     try:
         wid = features.weights_id(backbone, inception_weights=inception_weights)
         features.load_backbone(backbone, inception_weights=inception_weights, device=device)
@@ -268,8 +270,9 @@ def evaluate(run_or_ckpt, data, n: int, *, backbone: str | None = None, inceptio
     """Evaluate the EMA drift of `run_or_ckpt` (run directory, checkpoint directory or
     ema.safetensors) against the dataset folder `data` with n samples; returns the JSON dict
     (also written to out_json; the comparison PNG to out_png). Defaults: backbone inception
-    when inception_weights is given, else efflite0; steps the run's sample.steps; outputs
-    <run>/eval/eval-step<step>-<backbone>-n<n>-seed<seed>.{json,png}; cache_dir
+    when inception_weights is given, else efflite0; steps the run's sample.steps; out_json
+    <run>/eval/eval-step<step>-<backbone>-n<n>-seed<seed>.json, out_png out_json's name with
+    .png; cache_dir
     default_cache_dir(). Every check (arguments, checkpoint, weights, dataset, output paths)
     runs before sampling; errors are one-line ValueError / OSError.
     """
@@ -296,7 +299,7 @@ def evaluate(run_or_ckpt, data, n: int, *, backbone: str | None = None, inceptio
     out_dir = _run_dir_outputs(ema)
     stem = f"eval-step{meta['step']:08d}-{backbone}-n{n}-seed{seed}"
     out_json = Path(out_json) if out_json else out_dir / f"{stem}.json"
-    out_png = Path(out_png) if out_png else out_dir / f"{stem}.png"
+    out_png = Path(out_png) if out_png else out_json.with_suffix(".png")
     images.check_output_path(out_json, ".json")
     images.check_output_path(out_png, ".png")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -351,7 +354,8 @@ def evaluate(run_or_ckpt, data, n: int, *, backbone: str | None = None, inceptio
             "prdc": f"precision, recall, density, coverage with k = {fid.PRDC_K} nearest neighbours",
             "sliced_wasserstein": "sliced Wasserstein-2 distance in pixel space ([-1, 1]), 256 seeded directions",
         },
-        "metric_settings": {"fd_method": fd_method, "kid_subsets": fid.KID_SUBSETS, "kid_subset_size": m_kid, "kid_seed": seed,
+        "metric_settings": {"fd_method": fd_method, "kid_subsets": fid.KID_SUBSETS, "kid_subset_size": m_kid,
+                            "kid_seed": seed,
                             "prdc_k": fid.PRDC_K, "swd_projections": 256, "swd_seed": 0},
         "n": n,
         "n_real": int(real.shape[0]),
