@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import bridge, checkpoint, dispatch, features, fid, images, metrics, prepare
+from . import bridge, checkpoint, dispatch, features, fid, images, metrics, prepare, sampler
 from .config import Config
 from .files import atomic_write, atomic_write_text
 
@@ -296,6 +296,7 @@ def evaluate(run_or_ckpt, data, n: int, *, backbone: str | None = None, inceptio
         raise ValueError(f"{ema}: the drift net makes {h}×{w} images; evaluation compares square images")
     if steps is None:
         steps = int((meta["config"].get("sample") or {}).get("steps", _DEFAULT.sample.steps))
+    sampler.time_grid(steps, meta["t_min"], meta["t_eps"])   # steps within the trained t-range
     out_dir = _run_dir_outputs(ema)
     stem = f"eval-step{meta['step']:08d}-{backbone}-n{n}-seed{seed}"
     out_json = Path(out_json) if out_json else out_dir / f"{stem}.json"
@@ -315,8 +316,7 @@ def evaluate(run_or_ckpt, data, n: int, *, backbone: str | None = None, inceptio
     timings = {"checks_and_loading": time.perf_counter() - t_start}
 
     t0 = time.perf_counter()
-    from .sampler import sample_from_checkpoint
-    fake = sample_from_checkpoint(ema, n=n, steps=steps, seed=seed, em=em, batch_size=batch_size, device=dev,
+    fake = sampler.sample_from_checkpoint(ema, n=n, steps=steps, seed=seed, em=em, batch_size=batch_size, device=dev,
                                   bf16=bf16, progress=progress)
     timings["sampling"] = time.perf_counter() - t0
 

@@ -216,6 +216,7 @@ def test_eval_errors_are_one_line(run_dir, folder, tmp_path, capsys):
     err = _cli_error(capsys, base + ["--n", "8", "--inception-weights", str(tmp_path / "none.pth")])
     assert "--inception-weights" in err and "none.pth: no such file" in err
     assert "6" in _cli_error(capsys, base + ["--n", "5"])
+    assert "sample.steps ≤ 100" in _cli_error(capsys, base + ["--n", "8", "--steps", "500"])   # t_eps = 0.01
     err = _cli_error(capsys, ["eval", str(tmp_path / "nope"), "--data", str(folder), "--n", "8"])
     assert "nope" in err and "no such file" in err
     assert "dataset folder not found" in _cli_error(capsys, base[:3] + [str(tmp_path / "nodata"), "--n", "8"])
