@@ -2,6 +2,10 @@
 
 Errors a user can fix (bad config, missing files, refused options) print one line and exit 2;
 AGM_FAST_DEBUG=1 shows the traceback instead.
+
+`torchrun --nproc_per_node N -m agm_fast.cli train ...` trains on N processes
+(agm_fast.distributed): rank 0 logs to the console and train.log; the other ranks print only
+warnings and errors, prefixed with their rank; the process group is left on every exit path.
 """
 
 from __future__ import annotations
@@ -21,28 +25,52 @@ _SAMPLE = Config().sample  # the CLI's sampling defaults are the config's
 log = logging.getLogger("agm_fast")
 
 
-def _setup_logging(run_dir: str | None = None) -> None:
+def _setup_logging(run_dir: str | None = None, rank: int = 0) -> None:
+    """Rank 0 (or the only process): INFO to stderr and run_dir/train.log. Other ranks: warnings
+    and errors to stderr only, prefixed with the rank."""
     handlers = [logging.StreamHandler(sys.stderr)]
-    if run_dir:
+    if run_dir and rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         handlers.append(logging.FileHandler(os.path.join(run_dir, "train.log")))
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    prefix = f"[rank {rank}] " if rank else ""
+    fmt = logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S")
     log.handlers.clear()
     for h in handlers:
         h.setFormatter(fmt)
         log.addHandler(h)
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     log.propagate = False
 
 
+_RANK_PREFIX = ""  # "(rank N) " in the error line of a non-zero rank of a torchrun launch
+
+
 def cmd_train(args) -> int:
-    from . import config
+    global _RANK_PREFIX
+    from . import config, dispatch, distributed
     from .trainer import Trainer
 
     cfg = config.load(args.preset, args.set)
-    _setup_logging(cfg.train.run_dir)
-    trainer = Trainer(cfg, resume=not args.no_resume)
-    result = trainer.run()
+    dist = None
+    try:
+        if distributed.launched():
+            rank = int(os.environ["RANK"])
+            _RANK_PREFIX = f"(rank {rank}) " if rank else ""
+            _setup_logging(cfg.train.run_dir, rank)
+            dist = distributed.setup(dispatch.resolve_device(cfg.train.device, "train.device"))
+        else:
+            _setup_logging(cfg.train.run_dir)
+        trainer = Trainer(cfg, resume=not args.no_resume, dist=dist)
+        result = trainer.run()
+    except Exception as e:
+        if distributed.launched():  # torchrun's failure summary then shows this rank's error
+            from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+            get_error_handler().record_exception(e)
+        raise
+    finally:  # every exit path leaves the process group: no hang of the others, no abort at exit
+        distributed.teardown()
+    if dist is not None and not dist.is_main:
+        return 0
     if result["stopped_by"]:
         print(f"stopped by {result['stopped_by']} at step {result['step']}; resume with the same command "
               f"(checkpoint {result['checkpoint']})")
@@ -196,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         user_error = isinstance(e, (ValueError, OSError, TrainingError))
         if os.environ.get("AGM_FAST_DEBUG") or not user_error:
             raise
-        print(f"agm-fast {args.command}: error: {e}", file=sys.stderr)
+        print(f"agm-fast {args.command}: {_RANK_PREFIX}error: {e}", file=sys.stderr)
         return 2
 
 

@@ -4,6 +4,12 @@ sample grids and evaluation, signals, the final report.
 One iteration is agm_fast.step.AGMStep; every file format is agm_fast.checkpoint. The data
 order is keyed by (seed, global sample index) and all noise by (seed, step, global sample index,
 stream), so a resumed run repeats the uninterrupted one exactly.
+
+Under torchrun (`dist`, agm_fast.distributed) every rank runs this loop on its slice of each
+global batch; rank 0 alone writes logs, metrics, checkpoints, sample grids and the evaluation.
+A signal on any rank stops every rank after the same step (one all-reduce of a host flag per
+step), and the checkpoint is written before any rank leaves. A checkpoint does not record the
+world size: written with N ranks, it resumes with M at the same global sample.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, config as config_mod, dispatch
+from . import checkpoint, config as config_mod, dispatch, distributed
 from .checkpoint import drift_arch, potential_arch
 from .config import Config, ConfigError
 from .files import atomic_write, atomic_write_text
@@ -50,17 +56,21 @@ def git_commit() -> str | None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, resume: bool = True):
+    def __init__(self, cfg: Config, *, resume: bool = True, dist: distributed.Dist | None = None):
         from . import data, models  # noqa: F401  (imported here: heavy and optional parts)
 
         self.cfg = cfg
         t = cfg.train
+        self.dist = dist
+        self.rank, self.world = distributed.rank_world(dist)
+        self.is_main = self.rank == 0
+        distributed.per_rank_batch(t.batch_size, t.micro_batch, self.world)  # fail now, naming the fields
         if t.threads:
             torch.set_num_threads(t.threads)
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=False)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        self.device = dispatch.resolve_device(t.device, "train.device")
+        self.device = dist.device if dist is not None else dispatch.resolve_device(t.device, "train.device")
         self.run_dir = Path(t.run_dir)
         if t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda"):
             self.autocast_dtype = torch.bfloat16
@@ -102,30 +112,45 @@ class Trainer:
                                        weight_decay=o.weight_decay)
         self.opt_v = torch.optim.AdamW(self.potential.parameters(), lr=o.lr_potential,
                                        betas=tuple(o.betas), weight_decay=o.weight_decay)
-        self.agm_step = AGMStep(cfg, self.drift, self.potential, self.ema, self.opt_f, self.opt_v,
-                                device=self.device, kernels=self.kernels_impl, autocast_dtype=self.autocast_dtype)
         self.step = 0
         self.nonfinite = 0
         self.stop_signal: str | None = None
+        self._signum = 0
         self._finishing = False
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
+        if not resume and self.is_main:
             checkpoint.set_aside_previous_run(self.run_dir)
-        latest = checkpoint.latest(self.run_dir) if resume else None
+        latest = checkpoint.latest(self.run_dir) if resume and self.is_main else None
+        if dist is not None:  # rank 0's choice; every rank reads that checkpoint
+            latest = dist.broadcast_object(None if latest is None else str(latest))
+            latest = None if latest is None else Path(latest)
+            if latest is not None and not checkpoint.is_complete(latest):
+                raise checkpoint.CheckpointError(
+                    f"{latest}: rank 0 resumes from it but rank {self.rank} cannot read it (train.run_dir must be "
+                    "on storage that every node sees)")
         nets = dict(drift=self.drift, potential=self.potential, ema=self.ema)
         if latest is not None:
             state = checkpoint.load(latest, cfg=cfg, opt_f=self.opt_f, opt_v=self.opt_v, device=self.device, **nets)
             self.step, self.nonfinite = state["step"], state["nonfinite"]
             log.info("resumed from %s at step %d", latest, self.step)
-            if self.step > t.steps:
+            if self.step > t.steps and self.is_main:
                 log.warning("the checkpoint is past train.steps=%d: nothing to train (a new run needs another "
                             "train.run_dir or --no-resume)", t.steps)
         elif t.init_from:
             checkpoint.init_from(t.init_from, cfg=cfg, device=self.device, **nets)
-        self._truncate_metrics()
-        self._write_run_info()
-        self.loader = data.make_loader(cfg, self.dataset, device=self.device, start_step=self.step)
+        # after loading: under DDP the wrappers broadcast rank 0's (identical) weights once more
+        self.agm_step = AGMStep(cfg, self.drift, self.potential, self.ema, self.opt_f, self.opt_v,
+                                device=self.device, kernels=self.kernels_impl, autocast_dtype=self.autocast_dtype,
+                                dist=dist)
+        if self.is_main:
+            self._truncate_metrics()
+            self._write_run_info()
+        if dist is not None:
+            log.info("distributed: %d ranks (%s), %d images per rank per step of %d", self.world, dist.backend,
+                     t.batch_size // self.world, t.batch_size)
+        self.loader = data.make_loader(cfg, self.dataset, device=self.device, start_step=self.step,
+                                       rank=self.rank, world=self.world)
 
     # ------------------------------------------------------------------ run bookkeeping
     def _write_run_info(self) -> None:
@@ -136,7 +161,9 @@ class Trainer:
                                     "model.attention": getattr(self.drift, "attention_backend", None),
                                     "autocast": str(self.autocast_dtype)},
                 "parameters": {"drift": self.n_drift, "potential": self.n_potential},
-                "drift_arch": drift_arch(self.cfg), "potential_arch": potential_arch(self.cfg)}
+                "drift_arch": drift_arch(self.cfg), "potential_arch": potential_arch(self.cfg),
+                "distributed": ({"world": self.world, "backend": self.dist.backend} if self.dist is not None
+                                else None)}
         atomic_write_text(self.run_dir / "run_info.json", json.dumps(info, indent=1) + "\n")
 
     def _truncate_metrics(self) -> None:
@@ -157,10 +184,13 @@ class Trainer:
         return checkpoint.latest(self.run_dir)
 
     def save_checkpoint(self) -> Path:
-        """checkpoints/ckpt-<step>/, atomically; NaN/Inf weights are never saved."""
+        """checkpoints/ckpt-<step>/, atomically; NaN/Inf weights are never saved. Under DDP every
+        rank checks its (identical) weights, so all stop together, and rank 0 alone writes."""
         final = checkpoint.checkpoint_dir(self.run_dir, self.step)
         if not checkpoint.is_complete(final):
             self._check_weights_finite()
+        if not self.is_main:
+            return final
         return checkpoint.save(self.run_dir, step=self.step, cfg=self.cfg, drift=self.drift, potential=self.potential,
                                ema=self.ema, opt_f=self.opt_f, opt_v=self.opt_v, nonfinite=self.nonfinite)
 
@@ -180,15 +210,27 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def _on_signal(self, signum, frame):
         self.stop_signal = signal.Signals(signum).name
+        self._signum = signum
         if self._finishing:  # training is over and checkpointed: stopping now loses nothing
             raise _Interrupted()
+
+    def _stopping(self) -> bool:
+        """Whether to stop before the next step. Under DDP every rank calls this once per step and
+        all get the same answer: a signal on any rank stops them all after the same step."""
+        if self.dist is None:
+            return self.stop_signal is not None
+        # the flag is signal·2¹⁶ + rank, so the agreed value also names a rank that received it
+        flag = self.dist.max_over_ranks((self._signum << 16) + self.rank if self._signum else 0)
+        if flag and self.stop_signal is None:
+            self.stop_signal = f"{distributed.signal_name(flag >> 16)} (rank {flag & 0xFFFF})"
+        return flag != 0
 
     def run(self) -> dict:
         t = self.cfg.train
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        metrics_f = open(self.run_dir / "metrics.jsonl", "a")
+        metrics_f = open(self.run_dir / "metrics.jsonl", "a") if self.is_main else None
         bar = None
-        if t.progress:
+        if t.progress and self.is_main:
             from tqdm import tqdm
             bar = tqdm(total=t.steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr)
         last_t = time.perf_counter()
@@ -200,27 +242,36 @@ class Trainer:
                 from tqdm.contrib.logging import logging_redirect_tqdm
                 redirect.enter_context(logging_redirect_tqdm(loggers=[log], tqdm_class=type(bar)))
             it = iter(self.loader)
-            while self.step < t.steps and self.stop_signal is None:
+            while self.step < t.steps and not self._stopping():
                 step, indices, x1 = next(it)
                 assert step == self.step, f"data loader at step {step}, trainer at {self.step}"
-                row = diagnostics_row(step, self.agm_step(indices.to(self.device), x1, step), self.cfg)
-                now = time.perf_counter()
-                row["img_per_s"] = t.batch_size / max(now - last_t, 1e-9)
-                row["skipped_images"] = getattr(self.loader, "skipped_count", 0)
-                last_t = now
-                metrics_f.write(json.dumps(row) + "\n")
-                metrics_f.flush()
-                if not row["finite"]:
+                diag = self.agm_step(indices.to(self.device), x1, step)
+                if self.is_main:  # the diagnostics are the global batch's on every rank
+                    row = diagnostics_row(step, diag, self.cfg)
+                    now = time.perf_counter()
+                    row["img_per_s"] = t.batch_size / max(now - last_t, 1e-9)
+                    row["skipped_images"] = getattr(self.loader, "skipped_count", 0)
+                    last_t = now
+                    metrics_f.write(json.dumps(row) + "\n")
+                    metrics_f.flush()
+                else:  # the guard's flag, read on the host inside the step already
+                    row = {"finite": bool(diag["finite"])}
+                if not row["finite"]:  # the same on every rank: the guard decided on all of them
                     self.nonfinite += 1
-                    log.warning("step %d: non-finite loss (L_f=%s, L_V=%s, grad norms %s/%s): step skipped "
-                                "(%d of train.max_nonfinite=%d)", self.step, row["loss_f"], row["loss_v"],
-                                row["grad_norm_f"], row["grad_norm_v"], self.nonfinite, t.max_nonfinite)
+                    if self.is_main:
+                        log.warning("step %d: non-finite loss (L_f=%s, L_V=%s, grad norms %s/%s): step skipped "
+                                    "(%d of train.max_nonfinite=%d)", self.step, row["loss_f"], row["loss_v"],
+                                    row["grad_norm_f"], row["grad_norm_v"], self.nonfinite, t.max_nonfinite)
                     if self.nonfinite > t.max_nonfinite:
                         last = self.latest_checkpoint()
                         raise TrainingError(
                             f"stopping at step {self.step}: {self.nonfinite} non-finite losses exceed "
                             f"train.max_nonfinite={t.max_nonfinite}; last good checkpoint: {last or 'none'}")
                 self.step += 1
+                if not self.is_main:
+                    if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
+                        self.save_checkpoint()  # checks the weights as rank 0 does
+                    continue
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(L_f=f"{row['loss_f']:.4f}", L_V=f"{row['loss_v']:.3f}", ess=f"{row['ess']:.1f}")
@@ -233,11 +284,13 @@ class Trainer:
                     self.write_samples()
                     self.write_plot()
             ckpt = self.save_checkpoint()
+            if self.dist is not None:  # no rank leaves before the checkpoint is complete
+                self.dist.barrier()
             # From here a signal stops at once: the final grid and evaluation can take minutes,
             # and rerunning the command redoes them from this checkpoint.
             self._finishing = True
             try:
-                if self.stop_signal is None:
+                if self.stop_signal is None and self.is_main:
                     if t.sample_every:  # the final grid (sample_every=0 turns grids off)
                         self.write_samples()
                     self.write_plot()
@@ -245,12 +298,13 @@ class Trainer:
             except _Interrupted:
                 self._finishing = False  # a second signal now would escape as a traceback
                 log.warning("%s received during the final samples/evaluation; training is complete", self.stop_signal)
-            if self.stop_signal:
+            if self.stop_signal and self.is_main:
                 log.warning("%s received: checkpoint %s written at step %d; exiting", self.stop_signal, ckpt, self.step)
         finally:
             self._finishing = False
             redirect.close()
-            metrics_f.close()
+            if metrics_f is not None:
+                metrics_f.close()
             if bar is not None:
                 bar.close()
             for s, h in old_handlers.items():
