@@ -1,4 +1,4 @@
-"""agm-fast train | sample | eval | saliency | info.
+"""agm-fast train | sample | prepare | eval | saliency | info.
 
 Errors a user can fix (bad config, missing files, refused options) print one line and exit 2;
 AGM_FAST_DEBUG=1 shows the traceback instead.
@@ -129,6 +129,12 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from . import prepare
+    _setup_logging()
+    return prepare.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agm-fast", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=_SAMPLE.cuda_graph,
                    help="capture one step as a CUDA graph")
     s.set_defaults(fn=cmd_sample)
+
+    r = sub.add_parser("prepare", help="write a training folder of R×R PNGs + manifest.json from an image folder, "
+                                       "Fashion-MNIST or the emoji package")
+    from . import prepare
+    prepare.add_arguments(r)
+    r.set_defaults(fn=cmd_prepare)
 
     e = sub.add_parser("eval", help="FD (FID with --inception-weights, else FD-EffLite0), KID, precision/recall/"
                                     "density/coverage and sliced Wasserstein of EMA samples against a dataset")

@@ -461,3 +461,13 @@ def test_emoji_fetch_with_npm_pack_is_pinned_and_cached(emoji_tgz, tmp_path, mon
     again = prep.prepare("emoji", tmp_path / "out", resolution=64, cache_dir=cache)
     assert len(log.read_text().splitlines()) == calls       # the cached tarball is reused
     assert again["checksum"] == manifest["checksum"]
+
+
+def test_agm_fast_prepare_command(mixed_folder, tmp_path, capsys):
+    from agm_fast.cli import main
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(mixed_folder), "--out", str(out), "--resolution", "8"]) == 0
+    assert (out / "manifest.json").exists() and "prepared" in capsys.readouterr().out
+    assert main(["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--resolution", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("agm-fast prepare: error:") and "does not exist" in err and len(err.splitlines()) == 1
