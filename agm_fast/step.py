@@ -1,7 +1,9 @@
 """One AGM iteration (docs/design.md §1 "one iteration") as one object: AGMStep.
 
-    step = AGMStep(cfg, drift, potential, ema, opt_f, opt_v, device=..., kernels=..., autocast_dtype=...)
-    diag = step(indices, x1, k)      # global sample indices [B] int64 and x1 [B, C, H, W] on the device
+    step = AGMStep(cfg, drift, potential, ema, opt_f, opt_v, device=..., kernels=..., autocast_dtype=...,
+                   dist=None)        # or this rank's agm_fast.distributed.Dist under torchrun
+    diag = step(indices, x1, k)      # global sample indices [b] int64 and x1 [b, C, H, W] on the device;
+                                     # b = train.batch_size / world size
 
   1. t ~ U[t_min, 1 - t_eps]; x_t⁺ = bridge(x1), x_t⁻ = bridge(negatives(x1)), same t, x0, ε
   2. V(x_t⁺), V(x_t⁻) for every micro-batch first; L_V (paper Eq. 10) → gradients of φ
