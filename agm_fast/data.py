@@ -285,6 +285,15 @@ class _StepSampler(Sampler):
         return itertools.count(self.start_step)
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """In loader worker processes: SIGTERM/SIGINT are the trainer's to handle (checkpoint, then
+    exit). torchrun and a terminal send them to the whole process group; a worker killed by one
+    would make the DataLoader raise before the trainer could save."""
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class BatchLoader:
     """data.loader=torch, the reference. Yields (step, global_indices [b] CPU int64, images
     float32 [b, C, H, W] on `device`) for steps start_step, start_step + 1, … forever.
@@ -321,7 +330,8 @@ class BatchLoader:
                                self.rank_offset, self.seed, self.hflip)
         data_loader = DataLoader(batches, batch_size=None, sampler=_StepSampler(self.start_step),
                                  num_workers=self.workers, pin_memory=self.pin_memory,
-                                 prefetch_factor=2 if self.workers else None)
+                                 prefetch_factor=2 if self.workers else None,
+                                 worker_init_fn=_ignore_stop_signals if self.workers else None)
         non_blocking = self.pin_memory
         for step, gidx, images, failures in data_loader:
             new = set(failures) - self._load_failures

@@ -162,6 +162,23 @@ def test_killed_run_resumes_exactly(tmp_path, sig):
         assert (ra["loss_f"], ra["loss_v"]) == (rb["loss_f"], rb["loss_v"]), ra["step"]
 
 
+def test_sigterm_to_the_whole_process_group_with_loader_workers_saves(tmp_path):
+    """torchrun and a terminal signal the whole process group: the DataLoader's worker processes
+    get the SIGTERM too. They ignore it, so the trainer checkpoints and exits 0 instead of dying
+    with "DataLoader worker killed by signal"."""
+    import os
+    run = tmp_path / "group"
+    proc = subprocess.Popen(_cli(run, 400, ["data.loader=torch", "data.workers=2"]), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    _wait_for_lines(run / "metrics.jsonl", 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    rc = proc.wait(timeout=120)
+    err = proc.stderr.read().decode()
+    assert rc == 0 and "SIGTERM received" in err, err[-2000:]
+    done = len(read_metrics(run))
+    assert done < 400 and (run / "checkpoints" / f"ckpt-{done:08d}" / "state.json").exists()
+
+
 # ----------------------------------------------------------------------------- robustness
 
 def test_nonfinite_losses_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
@@ -414,7 +431,7 @@ def test_sampling_grid_outside_the_trained_range_fails_before_training(tmp_path)
 def test_the_loader_delivers_on_the_training_device(tmp_path):
     # the trainer once passed pin_memory but not its device: pinning was always off and the
     # non-blocking copy went nowhere; the loader now copies to the trainer's device itself
-    tr = Trainer(tiny(tmp_path, "train.steps=1"))
+    tr = Trainer(tiny(tmp_path, "train.steps=1", "data.loader=torch"))
     assert tr.loader.device == tr.device
     step, idx, x1 = next(iter(tr.loader))
     assert x1.device == tr.device and step == 0 and idx.shape == (tr.cfg.train.batch_size,)
