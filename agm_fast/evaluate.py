@@ -50,7 +50,7 @@ import torch
 
 from . import bridge, checkpoint, dispatch, features, fid, images, metrics, prepare, sampler
 from .config import Config
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write_text
 
 log = logging.getLogger("agm_fast")
 
@@ -171,32 +171,15 @@ def _cache_key(kind: str, digest: str, channels: int, n_real: int, count: int, s
 
 # ----------------------------------------------------------------------------- the PNG
 
-def _grid(arr: np.ndarray, nrow: int, pad: int) -> np.ndarray:
-    """uint8 NHWC → one grid image (black padding), nrow images per row."""
-    n, h, w, c = arr.shape
-    rows = math.ceil(n / nrow)
-    out = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, nrow)
-        out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = arr[i]
-    return out
-
-
-def _write_png(arr: np.ndarray, path) -> None:
-    from PIL import Image
-    img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
-
-
 def write_comparison_png(samples: torch.Tensor, real: torch.Tensor, path) -> dict:
     """Samples (left) beside real images (right): two grids of the same m = min(64, N, N_real)
     images each, nrow = ⌈√m⌉ per row, 2 px black padding, an 8 px grey gap between. Returns the
     layout for the JSON."""
     m = min(PNG_MAX_IMAGES, samples.shape[0], real.shape[0])
     nrow = math.ceil(math.sqrt(m))
-    left, right = _grid(images.to_uint8(samples[:m]), nrow, PNG_PAD), _grid(images.to_uint8(real[:m]), nrow, PNG_PAD)
+    left, right = images.grid(images.to_uint8(samples[:m]), nrow, PNG_PAD), images.grid(images.to_uint8(real[:m]), nrow, PNG_PAD)
     gap = np.full((left.shape[0], PNG_GAP, left.shape[2]), PNG_GAP_GREY, dtype=np.uint8)
-    _write_png(np.concatenate([left, gap, right], axis=1), path)
+    images.write_png(np.concatenate([left, gap, right], axis=1), path)
     return {"path": str(path), "images_per_side": m, "nrow": nrow,
             "layout": f"side by side: left = the first {m} samples, right = the first {m} real images of the "
                       f"compared subset; each a grid of {nrow} per row, {PNG_PAD} px black padding; "
@@ -472,7 +455,7 @@ def write_saliency_png(x_t: torch.Tensor, sal: torch.Tensor, path, scale: int) -
             out[y:y + scale * h, x:x + scale * w] = up(xt[i * cols + j])
             x += scale * w + SAL_GAP
             out[y:y + scale * h, x:x + scale * w] = up(maps[i * cols + j])
-    _write_png(out, path)
+    images.write_png(out, path)
     return width, height
 
 

@@ -43,25 +43,36 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
+def grid(arr: np.ndarray, nrow: int, padding: int = 2) -> np.ndarray:
+    """uint8 NHWC images → one uint8 H×W×C grid image, nrow images per row, black padding."""
+    n, h, w, c = arr.shape
+    cols, rows = min(nrow, n), math.ceil(n / nrow)
+    out = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        y, x = padding + r * (h + padding), padding + q * (w + padding)
+        out[y:y + h, x:x + w] = arr[i]
+    return out
+
+
+def write_png(arr: np.ndarray, path) -> None:
+    """A uint8 H×W×C array (C = 1 grey, C = 3 RGB) as a PNG, written atomically."""
+    from PIL import Image
+    img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)  # uint8 2-D → "L", H×W×3 → "RGB"
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
 def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int = 2) -> None:
     """PNG grid of images in [-1, 1] (C = 1 grey, C = 3 RGB), nrow images per row (default:
     a square), written atomically."""
-    from PIL import Image
     arr = to_uint8(images)
-    n, h, w, c = arr.shape
+    n, c = arr.shape[0], arr.shape[3]
     if c not in (1, 3):
         raise ValueError(f"save_grid needs C = 1 (grey) or 3 (RGB) channels; got C={c}")
     if nrow is None:
         nrow = math.ceil(math.sqrt(n))
     check_nrow(nrow)
-    cols, rows = min(nrow, n), math.ceil(n / nrow)
-    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, nrow)
-        y, x = padding + r * (h + padding), padding + q * (w + padding)
-        grid[y:y + h, x:x + w] = arr[i]
-    img = Image.fromarray(grid[:, :, 0] if c == 1 else grid)  # uint8 2-D → "L", H×W×3 → "RGB"
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    write_png(grid(arr, nrow, padding), path)
 
 
 def save_npz(images: torch.Tensor, path) -> None:
