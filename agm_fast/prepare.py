@@ -1,20 +1,12 @@
 """Dataset preparation: `agm-fast prepare SOURCE --out DIR --resolution R [--channels C]`.
 
 This module owns turning a source into a *prepared folder*: R×R PNG files named by index
-(000000.png, 000001.png, …) plus manifest.json, and the manifest's schema and checksum. Sources:
-
-  * an image folder, recursive (jpg, jpeg, png, webp; CelebA-HQ or FFHQ laid out as files),
-    visited in sorted relative-path order. Each image: EXIF orientation applied, 16-bit scaled
-    to 8-bit, palette / CMYK / greyscale converted, transparency composited on white, centre
-    cropped to a square and resized with Lanczos (antialiased; reducing_gap 3, so big JPEGs
-    are first reduced in the decoder). Files that cannot be decoded are skipped and listed in
-    the manifest with the reason.
-  * "fashion-mnist": the 70,000 28×28 grey images of the standard idx files
-    (train-images-idx3-ubyte.gz, then t10k-images-idx3-ubyte.gz) from a folder; by default the
-    one the Debian package dataset-fashion-mnist installs (found with `dpkg -L`).
-  * "emoji": the 64×64 PNGs (package/img/google/64/*.png) of the npm package
-    emoji-datasource-google, pinned to 16.0.0, fetched once with `npm pack` into a cache folder
-    (or taken from a given .tgz or unpacked folder), composited on white.
+(000000.png, 000001.png, …) plus manifest.json, and the manifest's schema and checksum. The
+sources (an image folder, "fashion-mnist", "emoji") are read by agm_fast.sources; every image is
+converted here the same way: EXIF orientation applied, 16-bit scaled to 8-bit, palette / CMYK /
+greyscale converted, transparency composited on white, centre cropped to a square and resized
+with Lanczos (antialiased; reducing_gap 3, so big JPEGs are first reduced in the decoder).
+Files that cannot be decoded are skipped and listed in the manifest with the reason.
 
 The manifest is written last, through a temporary file and a rename: a folder without
 manifest.json is not a finished prepare (a killed one leaves the INCOMPLETE marker instead).
@@ -25,10 +17,8 @@ H×W for C=1, H×W×3 for C=3), in index order. `load_prepared` reads a folder b
 
 from __future__ import annotations
 
-import base64
 import collections
 import functools
-import gzip
 import hashlib
 import io
 import json
@@ -36,16 +26,12 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import tarfile
-import tempfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, sources
 from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -56,21 +42,10 @@ INCOMPLETE_MARKER = "INCOMPLETE"       # present while a prepare writes into the
 IMAGE_NAME_RE = re.compile(r"^[0-9]+\.png$")
 MIN_NAME_DIGITS = 6
 
-FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 DECODER_FORMATS = ("JPEG", "PNG", "WEBP")   # what Pillow may decode (by content, not name)
 REDUCING_GAP = 3.0     # JPEG draft + Image.reduce down to ≥ 3× the target, then Lanczos
 PARALLEL_FROM = 1000   # workers=None: convert on threads from this many images on
 
-FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz")
-FASHION_MNIST_DEBIAN_PACKAGE = "dataset-fashion-mnist"
-
-EMOJI_PACKAGE = "emoji-datasource-google"
-EMOJI_VERSION = "16.0.0"
-EMOJI_IMAGE_DIR = "img/google/64"
-# npm's integrity string for emoji-datasource-google-16.0.0.tgz (sha512, base64)
-EMOJI_INTEGRITY = ("sha512-ZRexfzs7MVoLnmzZmNsO4TKhnAJp5D++Vm6PpUpH/jEQQlemp3l88CjZ+DoZ2faM9R4Qx"
-                   "ZkOPJCoT8DlPhfQ3A==")
-NPM_TIMEOUT_S = 900
 
 
 # ----------------------------------------------------------------------------- the entry point
@@ -98,11 +73,11 @@ def prepare(source, out_dir, resolution: int, channels: int | None = None, *,
 
     # read the source completely before the output folder is touched: a bad source changes nothing
     if isinstance(source, str) and source == "fashion-mnist":
-        plan = _plan_fashion_mnist(fashion_mnist_dir)
+        plan = sources.plan_fashion_mnist(fashion_mnist_dir)
     elif isinstance(source, str) and source == "emoji":
-        plan = _plan_emoji(emoji_package, cache_dir)
+        plan = sources.plan_emoji(emoji_package, cache_dir)
     else:
-        plan = _plan_folder(source, out_dir)
+        plan = sources.plan_folder(source, out_dir)
     if channels is None:
         channels = plan["channels"]
 
@@ -244,223 +219,6 @@ def square_pixels(im, resolution: int, channels: int) -> tuple[np.ndarray, bool]
     return np.asarray(im, dtype=np.uint8).copy(), side < resolution
 
 
-# ----------------------------------------------------------------------------- sources
-
-def _plan_folder(source, out_dir) -> dict:
-    root = Path(source)
-    kinds = "/".join(e[1:] for e in FOLDER_EXTENSIONS)
-    if not root.exists():
-        raise ValueError(f"source folder {str(root)!r} does not exist (give an image folder, "
-                         f"'fashion-mnist' or 'emoji')")
-    if not root.is_dir():
-        raise ValueError(f"source {str(root)!r} is a file, not a folder of images ({kinds})")
-    root_real, out_real = root.resolve(), Path(out_dir).resolve()
-    if out_real == root_real or root_real in out_real.parents or out_real in root_real.parents:
-        raise ValueError(f"--out {str(out_dir)!r} must lie outside the source folder "
-                         f"{str(root)!r} and must not contain it")
-
-    files, ignored, seen_dirs = [], 0, set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen_dirs:   # a symlink loop, or the same folder linked twice
-            dirnames[:] = []
-            continue
-        seen_dirs.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            if name.lower().endswith(FOLDER_EXTENSIONS):
-                files.append(os.path.join(dirpath, name))
-            else:
-                ignored += 1
-    if not files:
-        raise ValueError(f"no image files ({kinds}) found under {str(root)!r}")
-    relative = {f: Path(f).relative_to(root).as_posix() for f in files}
-    files.sort(key=relative.get)   # sorted on "/"-separated relative paths: same on every machine
-    return {
-        "source": {"kind": "folder", "path": str(root_real), "image_files": len(files),
-                   "other_files_ignored": ignored},
-        "channels": 3,
-        "jobs": [(relative[f], f) for f in files],
-        "list_sources": True,
-        "conversion": "EXIF orientation applied, 16-bit scaled to 8-bit, transparency composited "
-                      "on white, centre crop to a square, Lanczos resize (reducing_gap 3)",
-    }
-
-
-def _plan_fashion_mnist(fashion_mnist_dir) -> dict:
-    folder = Path(fashion_mnist_dir) if fashion_mnist_dir else _find_fashion_mnist()
-    if not folder.is_dir():
-        raise ValueError(f"Fashion-MNIST folder {str(folder)!r} does not exist")
-    jobs, files = [], []
-    for name in FASHION_MNIST_FILES:
-        path = folder / name
-        if not path.is_file() and (folder / name[:-3]).is_file():   # already gunzipped
-            path = folder / name[:-3]
-        if not path.is_file():
-            raise ValueError(f"Fashion-MNIST file {name} not found in {str(folder)!r} (expected "
-                             f"{' and '.join(FASHION_MNIST_FILES)})")
-        raw = path.read_bytes()
-        images = read_idx_images(raw, path)
-        files.append({"name": path.name, "images": len(images),
-                      "sha256": hashlib.sha256(raw).hexdigest()})
-        jobs += [(f"{path.name}[{i}]", image) for i, image in enumerate(images)]
-    return {
-        "source": {"kind": "fashion-mnist", "path": str(folder.resolve()), "files": files,
-                   "order": "the train file's images in file order, then the t10k file's"},
-        "channels": 1,
-        "jobs": jobs,
-        "list_sources": False,
-        "conversion": "28x28 grey kept as is at resolution 28, else Lanczos resize",
-    }
-
-
-def _find_fashion_mnist() -> Path:
-    hint = (f"pass --fashion-mnist-dir DIR (the folder holding {' and '.join(FASHION_MNIST_FILES)}) "
-            f"or install the Debian package {FASHION_MNIST_DEBIAN_PACKAGE}")
-    if shutil.which("dpkg") is None:
-        raise ValueError(f"Fashion-MNIST files not found: {hint}")
-    listing = subprocess.run(["dpkg", "-L", FASHION_MNIST_DEBIAN_PACKAGE], capture_output=True,
-                             text=True, timeout=60)
-    for line in listing.stdout.splitlines() if listing.returncode == 0 else []:
-        if line.strip().endswith("/" + FASHION_MNIST_FILES[0]):
-            return Path(line.strip()).parent
-    raise ValueError(f"Fashion-MNIST files not found ({FASHION_MNIST_DEBIAN_PACKAGE} is not "
-                     f"installed): {hint}")
-
-
-def read_idx_images(raw: bytes, path) -> np.ndarray:
-    """An idx3-ubyte file (gzipped or not) → uint8 [N, rows, cols]; ValueError naming `path`
-    for anything that is not one (magic number, dimensions, length all checked)."""
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise ValueError(f"{path}: not a readable gzip file ({e})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: not an idx file (magic number {raw[:4].hex() or 'missing'}, "
-                         f"expected 00000803)")
-    dtype_code, ndim = raw[2], raw[3]
-    if dtype_code != 0x08 or ndim != 3:
-        raise ValueError(f"{path}: idx magic 0000{dtype_code:02x}{ndim:02x} is not unsigned-byte "
-                         f"images (expected 00000803: type 0x08, 3 dimensions)")
-    if len(raw) < 16:
-        raise ValueError(f"{path}: idx header truncated ({len(raw)} bytes, expected 16)")
-    count, rows, cols = (int(d) for d in np.frombuffer(raw, dtype=">u4", count=3, offset=4))
-    if rows < 1 or cols < 1:
-        raise ValueError(f"{path}: idx header gives images of {rows}×{cols} pixels")
-    expected = 16 + count * rows * cols
-    if len(raw) != expected:
-        raise ValueError(f"{path}: idx header says {count} images of {rows}×{cols} "
-                         f"({expected} bytes) but the data has {len(raw)} bytes")
-    if count == 0:
-        raise ValueError(f"{path}: idx file holds no images")
-    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(count, rows, cols)
-
-
-def _plan_emoji(emoji_package, cache_dir) -> dict:
-    if emoji_package is not None:
-        package = Path(emoji_package)
-        if not package.exists():
-            raise ValueError(f"emoji package {str(package)!r} does not exist (give the .tgz that "
-                             f"`npm pack {EMOJI_PACKAGE}@{EMOJI_VERSION}` writes, or its unpacked "
-                             f"folder)")
-    else:
-        package = _fetch_emoji_package(cache_dir)
-
-    source = {"kind": "emoji", "package": f"{EMOJI_PACKAGE}@{EMOJI_VERSION}",
-              "path": str(package.resolve())}
-    if package.is_dir():
-        images = _emoji_images_from_folder(package)
-    else:
-        images = _emoji_images_from_tarball(package)
-        integrity = npm_integrity(package.read_bytes())
-        source["integrity"] = integrity
-        if integrity != EMOJI_INTEGRITY:
-            log.warning("%s is not the pinned %s@%s tarball (integrity %s); preparing it anyway",
-                        package, EMOJI_PACKAGE, EMOJI_VERSION, integrity)
-    source["image_files"] = len(images)
-    return {
-        "source": source,
-        "channels": 3,
-        "jobs": images,
-        "list_sources": True,
-        "conversion": "64x64 RGBA composited on white; Lanczos resize when resolution is not 64",
-    }
-
-
-def _emoji_images_from_tarball(path: Path) -> list:
-    prefix = f"package/{EMOJI_IMAGE_DIR}/"
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            members = sorted((m for m in tar.getmembers() if m.isfile()
-                              and m.name.startswith(prefix) and m.name.endswith(".png")
-                              and "/" not in m.name[len(prefix):]), key=lambda m: m.name)
-            images = [(m.name[len("package/"):], tar.extractfile(m).read()) for m in members]
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise ValueError(f"{path}: not a readable .tgz ({e})") from None
-    if not images:
-        raise ValueError(f"{path}: no {prefix}*.png in the tarball (not an {EMOJI_PACKAGE} package)")
-    return images
-
-
-def _emoji_images_from_folder(folder: Path) -> list:
-    for image_dir in (folder / "package" / EMOJI_IMAGE_DIR, folder / EMOJI_IMAGE_DIR):
-        if image_dir.is_dir():
-            files = sorted(p for p in image_dir.iterdir() if p.suffix == ".png" and p.is_file())
-            if files:
-                return [(f"{EMOJI_IMAGE_DIR}/{p.name}", str(p)) for p in files]
-    raise ValueError(f"{str(folder)!r}: no {EMOJI_IMAGE_DIR}/*.png inside (not an unpacked "
-                     f"{EMOJI_PACKAGE} package)")
-
-
-def _fetch_emoji_package(cache_dir) -> Path:
-    """The pinned tarball in the cache folder; fetched with `npm pack` when missing there."""
-    if cache_dir is None:
-        cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "agm_fast"
-    cache_dir = Path(cache_dir)
-    tarball = cache_dir / f"{EMOJI_PACKAGE}-{EMOJI_VERSION}.tgz"
-    if tarball.is_file() and npm_integrity(tarball.read_bytes()) == EMOJI_INTEGRITY:
-        return tarball
-
-    spec = f"{EMOJI_PACKAGE}@{EMOJI_VERSION}"
-    offline_hint = f"or pass --emoji-package PATH to a copy of {tarball.name} made elsewhere"
-    npm = shutil.which("npm")
-    if npm is None:
-        raise ValueError(f"the emoji source needs npm to fetch {spec} (install Node.js and npm), "
-                         f"{offline_hint}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    log.info("fetching %s with npm pack into %s", spec, cache_dir)
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".npm-pack-") as work:
-        try:
-            result = subprocess.run([npm, "pack", spec, "--ignore-scripts"], cwd=work,
-                                    capture_output=True, text=True, timeout=NPM_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise ValueError(f"`npm pack {spec}` did not finish in {NPM_TIMEOUT_S} s; "
-                             f"check the network, {offline_hint}") from None
-        except OSError as e:
-            raise ValueError(f"could not run npm ({e.strerror}); {offline_hint}") from None
-        fetched = sorted(Path(work).glob("*.tgz"))
-        if result.returncode != 0 or len(fetched) != 1:
-            lines = [ln.strip() for ln in (result.stderr + result.stdout).splitlines() if ln.strip()]
-            errors = [ln for ln in lines if "ERR" in ln] or lines
-            why = " | ".join(errors[:3]) if errors else "no output"
-            raise ValueError(f"`npm pack {spec}` failed (exit {result.returncode}): {why}; "
-                             f"check the network, {offline_hint}")
-        integrity = npm_integrity(fetched[0].read_bytes())
-        if integrity != EMOJI_INTEGRITY:
-            raise ValueError(f"`npm pack {spec}` gave a tarball with integrity {integrity}, not "
-                             f"the pinned {EMOJI_INTEGRITY}")
-        os.replace(fetched[0], tarball)
-    return tarball
-
-
-def npm_integrity(data: bytes) -> str:
-    """npm's integrity string for a tarball: "sha512-" + base64 of the sha512 digest."""
-    return "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode("ascii")
-
-
 # ----------------------------------------------------------------------------- the output folder
 
 def read_manifest(folder):
@@ -553,10 +311,10 @@ def add_arguments(parser) -> None:
                              "prepare's output (a previous output is always replaced)")
     parser.add_argument("--fashion-mnist-dir", default=None,
                         help="folder with train-images-idx3-ubyte.gz and t10k-images-idx3-ubyte.gz "
-                             f"(default: where the Debian package {FASHION_MNIST_DEBIAN_PACKAGE} "
+                             f"(default: where the Debian package {sources.FASHION_MNIST_DEBIAN_PACKAGE} "
                              "put them)")
     parser.add_argument("--emoji-package", default=None,
-                        help=f"{EMOJI_PACKAGE}-{EMOJI_VERSION}.tgz or its unpacked folder "
+                        help=f"{sources.EMOJI_PACKAGE}-{sources.EMOJI_VERSION}.tgz or its unpacked folder "
                              "(default: fetched once with npm pack into the cache folder)")
     parser.add_argument("--cache-dir", default=None,
                         help="where the fetched emoji package is kept (default: the user cache)")

@@ -19,6 +19,7 @@ from PIL import Image
 
 from agm_fast import __version__
 from agm_fast import prepare as prep
+from agm_fast import sources
 
 RED, GREEN, BLUE, BLACK, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 0, 0), (255, 255, 255)
 
@@ -394,7 +395,7 @@ def test_emoji_from_tarball_composited_on_white(emoji_tgz, tmp_path):
     manifest = prep.prepare("emoji", tmp_path / "out", resolution=64, emoji_package=emoji_tgz)
     assert (manifest["count"], manifest["channels"]) == (3, 3)
     assert manifest["source_files"] == ["img/google/64/" + n for n in sorted(EMOJI)]
-    assert manifest["source"]["integrity"] == prep.npm_integrity(emoji_tgz.read_bytes())
+    assert manifest["source"]["integrity"] == sources.npm_integrity(emoji_tgz.read_bytes())
     images = outputs(tmp_path / "out")[0].astype(int)
     for image, name in zip(images, sorted(EMOJI)):
         assert (image[32, 32] == EMOJI[name]).all()     # opaque: the colour itself
@@ -451,7 +452,7 @@ def test_emoji_fetch_with_npm_pack_is_pinned_and_cached(emoji_tgz, tmp_path, mon
     cache = tmp_path / "cache"
     with pytest.raises(ValueError, match="not the pinned"):     # the real pin: a different tarball
         prep.prepare("emoji", tmp_path / "out", resolution=64, cache_dir=cache)
-    monkeypatch.setattr(prep, "EMOJI_INTEGRITY", prep.npm_integrity(emoji_tgz.read_bytes()))
+    monkeypatch.setattr(sources, "EMOJI_INTEGRITY", sources.npm_integrity(emoji_tgz.read_bytes()))
     manifest = prep.prepare("emoji", tmp_path / "out", resolution=64, cache_dir=cache)
     assert manifest["count"] == 3
     assert log.read_text().split("\n")[0] == "pack emoji-datasource-google@16.0.0 --ignore-scripts"
