@@ -5,7 +5,8 @@ potential's negatives and hinge loss, the importance weights and the weighted dr
 its LossOutput. Every fast path (agm_fast.kernels, agm_fast._C) is tested against these
 functions. Time runs t ∈ [0, 1]: x0 ~ N(0, I) at t = 0, data x1 ∈ [-1, 1] at t = 1.
 Hyperparameters (σ, predicts, scheme, favour, τ, clip, patch) have no defaults here: the
-config is the one place with defaults. Choice arguments are checked at the public functions
+config is the one place with defaults (normalise=batch, t_bins=1 here only mean "no t-bins",
+so that callers of the batch scheme need not name them). Choice arguments are checked at the public functions
 (agm_fast.checks); tensors are trusted.
 """
 
@@ -108,31 +109,79 @@ def potential_hinge_loss(v_pos: torch.Tensor, v_neg: torch.Tensor, margin: float
     return torch.relu(margin + v_pos - v_neg).mean()
 
 
-def importance_weights(v: torch.Tensor, *, scheme: str, favour: str, tau: float,
-                       clip: float) -> torch.Tensor:
+def importance_weights(v: torch.Tensor, *, scheme: str, favour: str, tau: float, clip: float,
+                       normalise: str = "batch", t: torch.Tensor | None = None,
+                       t_bins: int = 1) -> torch.Tensor:
     """Stop-gradient importance weights from the batch's potentials (fp32, mean exactly 1).
 
-    s = clamp(standardise(sg[V]), -c, c) with the population std (s = 0 for B = 1 or equal V);
-    w = B·softmax(∓s/τ): − favours coherent (low-V) bridges, + degenerate ones (focal-style).
-    max/min ≤ e^(2c/τ). clip = inf turns clipping off. scheme=uniform gives w ≡ 1.
+    normalise=batch: s = clamp(standardise(sg[V]), -c, c) over the whole batch, with the
+    population std (s = 0 for B = 1 or equal V).
+    normalise=t_bins: the same standardisation within t-quantile bins of the batch (t: the
+    batch's times, one per V): samples ranked by t (ties by batch position) and the sample of
+    rank r in bin ⌊r·K/B⌋, K = t_bins; s = 0 in a bin of one sample or of equal V.
+    Then w = B·softmax(∓s/τ) over the whole batch: − favours coherent (low-V) bridges, + degenerate
+    ones (focal-style); w ≡ 1 when every s is 0. max/min ≤ e^(2c/τ). clip = inf turns clipping
+    off. scheme=uniform gives w ≡ 1.
     """
     checks.one_of("scheme", scheme, checks.SCHEMES)
     checks.one_of("favour", favour, checks.FAVOURS)
-    return _importance_weights(v, scheme, favour, tau, clip)
+    t = _check_t_bins(normalise, t_bins, t, v.numel(), "t")
+    return _importance_weights(v, scheme, favour, tau, clip, normalise, t, t_bins)
 
 
-def _importance_weights(v: torch.Tensor, scheme: str, favour: str, tau: float, clip: float) -> torch.Tensor:
+def _check_t_bins(normalise: str, t_bins, t, n_v: int, t_name: str):
+    """Checks normalise, t_bins (an int >= 1) and, for t_bins, t (one time per V)."""
+    checks.one_of("normalise", normalise, checks.NORMALISE)
+    if isinstance(t_bins, bool) or not isinstance(t_bins, int) or t_bins < 1:
+        raise ValueError(f"t_bins must be an integer >= 1, got {t_bins!r}")
+    if normalise == "batch":
+        return None
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"normalise='t_bins' needs {t_name}, a floating-point tensor of the batch's times "
+                        f"(one per value of V), got {type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}")
+    if t.numel() != n_v:
+        raise ValueError(f"{t_name} holds {t.numel()} times but V holds {n_v} values: pass the whole "
+                         f"optimiser batch's t, in V's order")
+    return t
+
+
+def t_bin_ids(t: torch.Tensor, t_bins: int) -> torch.Tensor:
+    """The t-quantile bin of each sample (int64 [B]): rank r by fp32 t (ties by batch position,
+    so a pure function of the batch) → bin ⌊r·K/B⌋. Bin k holds ranks ceil(kB/K) … ceil((k+1)B/K) - 1."""
+    t = t.detach().to(torch.float32).reshape(-1)
+    b = t.numel()
+    order = torch.sort(t, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(b, device=t.device)
+    return rank * min(t_bins, b) // b
+
+
+def _importance_weights(v: torch.Tensor, scheme: str, favour: str, tau: float, clip: float,
+                        normalise: str = "batch", t: torch.Tensor | None = None,
+                        t_bins: int = 1) -> torch.Tensor:
     """importance_weights for checked choices."""
     v = v.detach().to(torch.float32).reshape(-1)
     b = v.numel()
     if scheme == "uniform":
         return torch.ones_like(v)
+    sign = -1.0 if favour == "coherent" else 1.0
+    if normalise == "t_bins":
+        bins = t_bin_ids(t.to(v.device), t_bins)
+        k = min(t_bins, b)
+        count = torch.bincount(bins, minlength=k).to(torch.float32)
+        mean = torch.zeros(k, device=v.device).index_add_(0, bins, v) / count
+        centred = v - mean[bins]
+        std = (torch.zeros(k, device=v.device).index_add_(0, bins, centred.square()) / count).sqrt()[bins]
+        spread = std > 0
+        s = torch.where(spread, centred / torch.where(spread, std, 1.0), 0.0).clamp(-clip, clip)
+        if not bool((s != 0).any()):
+            return torch.ones_like(v)
+        return b * torch.softmax(sign * s / tau, dim=0)
     centred = v - v.mean()
     std = centred.square().mean().sqrt()
     if b == 1 or not bool(std > 0):
         return torch.ones_like(v)
     s = (centred / std).clamp(-clip, clip)
-    sign = -1.0 if favour == "coherent" else 1.0
     return b * torch.softmax(sign * s / tau, dim=0)
 
 
@@ -155,19 +204,23 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, w: torch.Tensor,
 def weighted_bridge_loss(pred: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
                          *, seed: int, step: int, sample_index, sigma: float, predicts: str,
                          scheme: str, favour: str, tau: float, clip: float,
-                         v_offset: int = 0, normalizer: float | None = None) -> LossOutput:
+                         v_offset: int = 0, normalizer: float | None = None, normalise: str = "batch",
+                         t_bins: int = 1, t_all: torch.Tensor | None = None) -> LossOutput:
     """Reference of the fused loss: the drift loss of a chunk of the optimiser batch.
 
     v holds sg[V(x_t⁺)] of the whole optimiser batch (all micro-batches and ranks); this chunk
     is v[v_offset : v_offset + B]. x0 and ε are regenerated from the keys, so the caller never
     stores them. normalizer defaults to B (a plain weighted mean over the chunk); the trainer
     passes its per-rank batch size so that micro-batch losses add up to the batch mean.
+    normalise/t_bins as in importance_weights; for t_bins, t_all holds the t of the whole
+    optimiser batch in v's order (t_all[v_offset : v_offset + B] is this chunk's t).
     """
     checks.one_of("predicts", predicts, checks.PREDICTS)
     checks.one_of("scheme", scheme, checks.SCHEMES)
     checks.one_of("favour", favour, checks.FAVOURS)
+    t_all = _check_t_bins(normalise, t_bins, t_all, v.numel(), "t_all")
     b = pred.shape[0]
-    w_all = _importance_weights(v, scheme, favour, tau, clip)
+    w_all = _importance_weights(v, scheme, favour, tau, clip, normalise, t_all, t_bins)
     w = w_all[v_offset: v_offset + b].to(pred.device)
     if predicts == "drift":
         x0, eps = draw_bridge_noise(seed, step, sample_index, x1.shape, x1.device)

@@ -28,6 +28,7 @@ STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PREDICTS = ("drift", "x1")                                # what the network outputs
 SCHEMES = ("softmax", "uniform")                          # importance-weight scheme
 FAVOURS = ("coherent", "degenerate")                      # which bridges the softmax favours
+NORMALISE = ("batch", "t_bins")                           # where V is standardised (docs/design.md §1)
 NEGATIVES = ("pixel_shuffle", "patch_shuffle", "noise")   # structure-destroyed copies of x1
 ATTENTION = ("auto", "xformers", "sdpa", "math")          # DriftUNet's attention backends
 TIME_INJECTIONS = ("add", "scale_shift")                  # how DriftUNet's blocks take t

@@ -128,10 +128,10 @@ class AGMStep:
         v_pos, v_neg = torch.cat(v_pos), torch.cat(v_neg)
         # the global batch's V⁺ (and V⁻, t for the diagnostics): rank r's samples sit at
         # [r·per_rank, (r+1)·per_rank), as the loader slices the global batch
-        v_all, offset = v_pos, 0
+        v_all, t_all, offset = v_pos, t, 0
         if self.dist is not None:
             gathered = self.dist.all_gather(torch.stack([v_pos, v_neg, t.float()]))  # [world, 3, b]
-            v_all, offset = gathered[:, 0].reshape(-1), self.rank * b
+            v_all, t_all, offset = gathered[:, 0].reshape(-1), gathered[:, 2].reshape(-1), self.rank * b
 
         # f_θ: importance-weighted bridge matching (paper Eq. 13); L_f never reaches φ.
         self.opt_f.zero_grad(set_to_none=True)
@@ -144,7 +144,8 @@ class AGMStep:
                 out = dispatch.weighted_bridge_loss(
                     self.kernels, pred, x1[c], t[c], v_all, seed=seed, step=step, sample_index=indices[c],
                     sigma=sigma, predicts=cfg.model.predicts, scheme=w.scheme, favour=w.favour, tau=w.tau,
-                    clip=w.clip, v_offset=offset + c.start, normalizer=b)
+                    clip=w.clip, normalise=w.normalise, t_bins=w.t_bins, t_all=t_all,
+                    v_offset=offset + c.start, normalizer=b)
                 out.loss.backward()
             loss_f += out.loss.detach()
             per_sample.append(out.per_sample)

@@ -37,14 +37,17 @@ def _variants() -> list[tuple[str, str, dict, dict, int]]:
                          "sigma": "fp32", "BLOCK": "constexpr", "BF16_RNE_BY_BITS": "constexpr"},
                         {"BLOCK": 1024, "BF16_RNE_BY_BITS": False}, 4))
 
-    def loss(pred, x1, drift=True, softmax=True, sign=-1.0, write_grad=True, block_v=16, seeds=SEED_TYPES[1]):
-        sig = {"pred_ptr": f"*{pred}", "x1_ptr": f"*{x1}", "t_ptr": "*fp32", "v_ptr": "*fp32",
+    def loss(pred, x1, drift=True, softmax=True, sign=-1.0, write_grad=True, block_v=16, seeds=SEED_TYPES[1],
+             t_bins=False, block_k=16):
+        sig = {"pred_ptr": f"*{pred}", "x1_ptr": f"*{x1}", "t_ptr": "*fp32", "v_ptr": "*fp32", "t_all_ptr": "*fp32",
                "sample_index_ptr": "*i64", "grad_ptr": f"*{pred}" if write_grad else "*fp32",
                "partial_ptr": "*fp32", "weight_ptr": "*fp32", "n_per_sample": "i32", "n_v": "i32",
-               "v_offset": "i32", "seed_lo": seeds[0], "seed_hi": seeds[1], "step": seeds[2], "sigma": "fp32",
-               "tau": "fp32", "clip": "fp32", "grad_scale": "fp32"}
+               "v_offset": "i32", "n_bins": "i32", "seed_lo": seeds[0], "seed_hi": seeds[1], "step": seeds[2],
+               "sigma": "fp32", "tau": "fp32", "clip": "fp32", "grad_scale": "fp32"}
+        # T_BLOCK_I/J: the wrapper's tiles of the t_bins ranking on CUDA
         const = {"DRIFT_TARGET": drift, "SOFTMAX": softmax, "SIGN": sign, "WRITE_GRAD": write_grad,
-                 "BLOCK": 1024, "BLOCK_V": block_v, "BF16_RNE_BY_BITS": False}
+                 "T_BINS": t_bins, "BLOCK": 1024, "BLOCK_V": block_v, "BLOCK_K": block_k,
+                 "T_BLOCK_I": 16, "T_BLOCK_J": 64, "BF16_RNE_BY_BITS": False}
         sig.update({k: "constexpr" for k in const})
         return ("weighted_bridge_loss", "_weighted_bridge_loss_kernel", sig, const, 4)
 
@@ -52,7 +55,8 @@ def _variants() -> list[tuple[str, str, dict, dict, int]]:
         for x1 in DTYPES:
             out.append(loss(pred, x1))
     for flags in (dict(drift=False), dict(softmax=False), dict(sign=1.0), dict(write_grad=False),
-                  dict(block_v=1024), dict(seeds=SEED_TYPES[0]), dict(drift=False, softmax=False, write_grad=False)):
+                  dict(block_v=1024), dict(seeds=SEED_TYPES[0]), dict(drift=False, softmax=False, write_grad=False),
+                  dict(t_bins=True), dict(t_bins=True, sign=1.0, write_grad=False), dict(t_bins=True, block_k=1024)):
         out.append(loss("bf16", "fp32", **flags))
     out.append(("weighted_bridge_loss", "_finalize_kernel",
                 {"partial_ptr": "*fp32", "weight_ptr": "*fp32", "per_sample_ptr": "*fp32", "loss_ptr": "*fp32",
@@ -82,7 +86,8 @@ def _compile(job: tuple[int, tuple]) -> dict:
     pointers = [i for i, ty in enumerate(signature.values()) if ty.startswith("*")]
     types = {k: v for k, v in signature.items() if v != "constexpr"}
     variant = " ".join([f"{k[:-4]}:{v[1:]}" for k, v in types.items() if k in ("pred_ptr", "x1_ptr")]
-                       + [f"{k}={v}" for k, v in constexprs.items() if k not in ("BLOCK", "BF16_RNE_BY_BITS")]
+                       + [f"{k}={v}" for k, v in constexprs.items()
+                          if k not in ("BLOCK", "BF16_RNE_BY_BITS", "T_BLOCK_I", "T_BLOCK_J")]
                        + ([f"seeds:{types['seed_lo']}"] if "seed_lo" in types else []))
     row = {"kernel": kernel_name, "arch": f"sm_{arch}", "variant": variant}
     try:

@@ -178,3 +178,126 @@ def test_effective_sample_size():
     w = torch.zeros(10)
     w[3] = 10
     assert float(bridge.effective_sample_size(w)) == pytest.approx(1)
+
+
+# ----------------------------------------------------------------------------- normalise = t_bins
+
+TB_KW = dict(scheme="softmax", normalise="t_bins")
+
+
+def _weights_t_bins(v, t, k, favour="coherent", tau=1.0, clip=2.0):
+    return bridge.importance_weights(v, favour=favour, tau=tau, clip=clip, t=t, t_bins=k, **TB_KW)
+
+
+def test_t_bin_ids_are_rank_quantiles_with_ties_by_position():
+    t = torch.tensor([0.5, 0.1, 0.5, 0.9, 0.1, 0.3, 0.5])  # ranks by (t, position): 3 0 4 6 1 2 5
+    assert bridge.t_bin_ids(t, 3).tolist() == [1, 0, 1, 2, 0, 0, 2]  # ⌊r·3/7⌋
+    assert bridge.t_bin_ids(torch.full((5,), 0.4), 2).tolist() == [0, 0, 0, 1, 1]  # equal t: by position
+    assert bridge.t_bin_ids(t, 1).tolist() == [0] * 7
+    assert bridge.t_bin_ids(t, 50).tolist() == [3, 0, 4, 6, 1, 2, 5]  # K ≥ B: one sample per bin
+    counts = torch.bincount(bridge.t_bin_ids(torch.rand(10), 4))
+    assert counts.tolist() == [3, 2, 3, 2]  # bin k holds ranks ceil(kB/K) … ceil((k+1)B/K) - 1
+
+
+def test_t_bins_standardise_within_each_bin_by_hand():
+    t = torch.tensor([0.1, 0.2, 0.8, 0.9])
+    v = torch.tensor([0.0, 2.0, 10.0, 30.0])  # bins {0, 1} and {2, 3}: s = (-1, 1, -1, 1)
+    w = _weights_t_bins(v, t, 2, clip=math.inf)
+    e = math.e
+    want = torch.tensor([e, 1 / e, e, 1 / e]) * 4 / (2 * e + 2 / e)
+    torch.testing.assert_close(w, want, rtol=1e-6, atol=0)
+    # over the whole batch the later bin's V would dominate: the batch scheme ranks all four
+    w_batch = bridge.importance_weights(v, scheme="softmax", favour="coherent", tau=1.0, clip=math.inf)
+    assert w_batch[2] < w_batch[1] and not torch.allclose(w, w_batch)
+
+
+@pytest.mark.parametrize("favour", ["coherent", "degenerate"])
+@pytest.mark.parametrize("tau,clip,k", [(1.0, 2.0, 4), (0.5, 1.0, 3), (2.0, math.inf, 7), (0.3, 2.0, 2)])
+def test_t_bins_weights_mean_one_and_ratio_bound(favour, tau, clip, k):
+    gen = torch.Generator().manual_seed(5)
+    b = 257
+    t = torch.rand(b, generator=gen)
+    v = torch.randn(b, generator=gen) * 10 + 20 * t  # V drifts with t, as in the demo
+    v[0] = 1e4  # an outlier
+    w = _weights_t_bins(v, t, k, favour=favour, tau=tau, clip=clip)
+    assert w.dtype == torch.float32 and w.shape == (b,)
+    assert float(w.double().mean()) == pytest.approx(1.0, abs=1e-6)
+    if math.isfinite(clip):
+        assert float(w.max() / w.min()) <= bridge.weight_ratio_bound(clip, tau) * (1 + 1e-5)
+    hi = int(v.argmax())  # the outlier is the top of its own bin
+    assert (w[hi] < w.median()) if favour == "coherent" else (w[hi] > w.median())
+
+
+def test_t_bins_remove_the_drift_of_v_with_t():
+    """V = a(t) + noise: the batch scheme weights by t, t_bins by the noise within each bin."""
+    gen = torch.Generator().manual_seed(6)
+    b, k = 256, 4
+    t = torch.rand(b, generator=gen)
+    noise = torch.randn(b, generator=gen)
+    v = 50.0 * (t > 0.5) + noise
+    kw = dict(scheme="softmax", favour="coherent", tau=1.0, clip=2.0)
+    early = bridge.t_bin_ids(t, k) < 2
+    w_batch = bridge.importance_weights(v, **kw)
+    w_bins = bridge.importance_weights(v, normalise="t_bins", t=t, t_bins=k, **kw)
+    assert w_batch[early].mean() > 2 * w_batch[~early].mean()  # batch: low t (low V) dominates
+    assert float(w_bins[early].mean()) == pytest.approx(float(w_bins[~early].mean()), rel=0.15)
+    # within a bin, the lower noise still wins
+    one = bridge.t_bin_ids(t, k) == 3
+    assert w_bins[one][noise[one].argmin()] > w_bins[one][noise[one].argmax()]
+
+
+def test_t_bins_with_one_bin_equals_batch_and_degenerate_cases():
+    gen = torch.Generator().manual_seed(7)
+    v, t = torch.randn(33, generator=gen) * 3, torch.rand(33, generator=gen)
+    for favour, tau, clip in (("coherent", 1.0, 2.0), ("degenerate", 0.5, math.inf)):
+        kw = dict(scheme="softmax", favour=favour, tau=tau, clip=clip)
+        batch = bridge.importance_weights(v, **kw)
+        torch.testing.assert_close(bridge.importance_weights(v, normalise="t_bins", t=t, t_bins=1, **kw),
+                                   batch, rtol=1e-6, atol=0)
+        # all t equal and K = 1: one bin, the batch's weights (K > 1 splits equal t by position)
+        same_t = bridge.importance_weights(v, normalise="t_bins", t=torch.full((33,), 0.5), t_bins=1, **kw)
+        torch.testing.assert_close(same_t, batch, rtol=1e-6, atol=0)
+    kw = dict(scheme="softmax", favour="coherent", tau=1.0, clip=2.0, normalise="t_bins")
+    assert torch.equal(bridge.importance_weights(torch.tensor([3.0]), t=torch.tensor([0.2]), t_bins=4, **kw),
+                       torch.ones(1))
+    assert torch.equal(bridge.importance_weights(v, t=t, t_bins=33, **kw), torch.ones(33))  # bins of one
+    assert torch.equal(bridge.importance_weights(v, t=t, t_bins=100, **kw), torch.ones(33))
+    v_eq = (bridge.t_bin_ids(t, 3) * 2.0 - 1.0)  # equal V within each bin, different across bins
+    assert torch.equal(bridge.importance_weights(v_eq, t=t, t_bins=3, **kw), torch.ones(33))
+    # one bin of equal V, the others spread: that bin's s is 0
+    v_mixed = torch.where(bridge.t_bin_ids(t, 3) == 0, 5.0, v)
+    w = bridge.importance_weights(v_mixed, t=t, t_bins=3, **kw)
+    zero_bin = bridge.t_bin_ids(t, 3) == 0
+    assert torch.allclose(w[zero_bin], w[zero_bin][0].expand(int(zero_bin.sum())))
+    assert float(w.double().mean()) == pytest.approx(1.0, abs=1e-6)
+    uniform = dict(kw, scheme="uniform")
+    assert torch.equal(bridge.importance_weights(v, t=t, t_bins=4, **uniform), torch.ones(33))
+
+
+def test_t_bins_bad_arguments():
+    v, t = torch.randn(6), torch.rand(6)
+    kw = dict(scheme="softmax", favour="coherent", tau=1.0, clip=2.0)
+    with pytest.raises(ValueError, match="normalise must be 'batch' or 't_bins', got 'rank'"):
+        bridge.importance_weights(v, normalise="rank", t=t, **kw)
+    with pytest.raises(ValueError, match="t_bins must be an integer >= 1"):
+        bridge.importance_weights(v, normalise="t_bins", t=t, t_bins=0, **kw)
+    with pytest.raises(TypeError, match="needs t"):
+        bridge.importance_weights(v, normalise="t_bins", t_bins=2, **kw)
+    with pytest.raises(ValueError, match="t holds 5 times but V holds 6"):
+        bridge.importance_weights(v, normalise="t_bins", t=t[:5], t_bins=2, **kw)
+
+
+def test_t_bins_loss_chunks_use_the_whole_batch_bins():
+    g = torch.Generator().manual_seed(8)
+    pred, x1 = torch.randn(7, 3, 5, 5, generator=g), torch.randn(7, 3, 5, 5, generator=g)
+    t, v = torch.rand(7, generator=g) * 0.9, torch.randn(7, generator=g)
+    kw = dict(seed=1, step=2, sigma=0.5, predicts="drift", scheme="softmax", favour="degenerate", tau=0.7,
+              clip=2.0, normalise="t_bins", t_bins=3, t_all=t)
+    whole = bridge.weighted_bridge_loss(pred, x1, t, v, sample_index=torch.arange(7), **kw)
+    torch.testing.assert_close(whole.weights, _weights_t_bins(v, t, 3, favour="degenerate", tau=0.7))
+    parts = [bridge.weighted_bridge_loss(pred[s], x1[s], t[s], v, sample_index=torch.arange(7)[s],
+                                         v_offset=s.start, normalizer=7, **kw) for s in (slice(0, 3), slice(3, 7))]
+    assert sum(p.loss.item() for p in parts) == pytest.approx(whole.loss.item(), rel=1e-6)
+    assert torch.equal(torch.cat([p.weights for p in parts]), whole.weights)
+    with pytest.raises(TypeError, match="needs t_all"):
+        bridge.weighted_bridge_loss(pred, x1, t, v, sample_index=torch.arange(7), **dict(kw, t_all=None))

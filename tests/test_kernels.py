@@ -362,7 +362,7 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90():
     assert res.returncode == 0, res.stderr[-2000:]
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"_bridge_sample_kernel", "_weighted_bridge_loss_kernel", "_finalize_kernel",
-                       "_noise_sum_kernel"}
+                       "_noise_sum_kernel", "_gn_silu_fwd_kernel", "_gn_silu_bwd_kernel"}
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
 
 
@@ -496,3 +496,118 @@ def test_cuda_large_batch_and_long_v():
     assert_parity("loss", fast.loss, ref.loss, ref64.loss, REDUCTION_FLOOR)
     torch.testing.assert_close(fast.weights, ref.weights, rtol=REDUCTION_FLOOR, atol=1e-6)
     assert_parity("d loss/d pred", g_fast, g_ref, g_64, ELEMENTWISE_FLOOR)
+
+
+# ----------------------------------------------------------------------------- normalise = t_bins
+
+def make_t_all(kind, n, gen):
+    """The whole optimiser batch's t: 'ties' repeats a few values (ranks broken by position)."""
+    if kind == "ties":
+        return (torch.randint(0, 3, (n,), generator=gen).float() * 0.3 + 0.05).to(DEVICE)
+    return make_t(kind, n, gen).to(DEVICE)
+
+
+def check_t_bins_case(b, k, c, h, w, dtype, predicts, favour, clip, t_kind, n_v=None, v_offset=0, seed=0):
+    n_v = b if n_v is None else n_v
+    x1, pred, _, v, idx = make_inputs(b, c, h, dtype, "mixed", n_v=n_v, seed=seed, w=w)
+    gen = torch.Generator().manual_seed(seed + 100)
+    t_all = make_t_all(t_kind, n_v, gen)
+    t = t_all[v_offset: v_offset + b]
+    kw = dict(sigma=0.5, predicts=predicts, scheme="softmax", favour=favour, tau=0.7, clip=clip,
+              normalise="t_bins", t_bins=k, t_all=t_all, v_offset=v_offset, normalizer=float(n_v))
+    (fast, g_fast), (ref, g_ref), (ref64, g_64) = run_both(pred, x1, t, v, idx, **kw)
+    assert fast.weights.shape == (b,) and g_fast.dtype == pred.dtype
+    want = bridge.importance_weights(v, scheme="softmax", favour=favour, tau=0.7, clip=clip, normalise="t_bins",
+                                     t=t_all, t_bins=k)[v_offset: v_offset + b]
+    torch.testing.assert_close(ref.weights, want, rtol=0, atol=0)
+    torch.testing.assert_close(fast.weights, ref.weights, rtol=REDUCTION_FLOOR, atol=1e-6)
+    assert_parity("loss", fast.loss, ref.loss, ref64.loss, REDUCTION_FLOOR)
+    assert_parity("per_sample", fast.per_sample, ref.per_sample, ref64.per_sample, REDUCTION_FLOOR)
+    assert_parity("d loss/d pred", g_fast, g_ref, g_64, ELEMENTWISE_FLOOR)
+    return fast
+
+
+# B = 1, B not a multiple of K, K = 1 (the batch path), K ≥ B (bins of one), ties in t, odd shapes,
+# bf16/fp32, both favours, clip on/off, both targets
+T_BINS_CASES = [
+    # b, k, c, h, w, dtype, predicts, favour, clip, t_kind
+    (1, 4, 1, 7, 7, torch.float32, "drift", "coherent", 2.0, "mixed"),
+    (10, 4, 3, 5, 9, torch.bfloat16, "drift", "degenerate", math.inf, "ties"),
+    (13, 3, 1, 7, 3, torch.float32, "x1", "coherent", 0.5, "near1"),
+    (16, 4, 3, 8, 8, torch.bfloat16, "x1", "degenerate", 2.0, "mixed"),
+    (23, 5, 1, 6, 5, torch.float32, "drift", "coherent", math.inf, "ties"),
+    (9, 2, 3, 7, 7, torch.float32, "drift", "degenerate", 2.0, "near0"),
+    (6, 1, 1, 7, 7, torch.bfloat16, "drift", "coherent", 2.0, "mixed"),
+    (5, 5, 1, 7, 7, torch.float32, "drift", "coherent", 2.0, "mixed"),
+    (5, 8, 1, 7, 7, torch.bfloat16, "x1", "degenerate", 2.0, "ties"),
+]
+
+
+@pytest.mark.parametrize("b,k,c,h,w,dtype,predicts,favour,clip,t_kind", T_BINS_CASES)
+def test_t_bins_loss_matches_reference(b, k, c, h, w, dtype, predicts, favour, clip, t_kind):
+    fast = check_t_bins_case(b, k, c, h, w, dtype, predicts, favour, clip, t_kind)
+    if k >= b:  # every sample alone in its bin
+        assert torch.equal(fast.weights, torch.ones(b, device=DEVICE))
+
+
+def test_t_bins_micro_batches_and_long_v():
+    """Chunks of a longer optimiser batch (v_offset, t_all of the whole batch), with len(V) beyond one
+    interpreter tile (256) so the ranking loops over tiles."""
+    for v_offset in (0, 3, 298):
+        check_t_bins_case(2, 4, 1, 5, 5, torch.float32, "drift", "coherent", 2.0, "ties", n_v=300,
+                          v_offset=v_offset, seed=v_offset)
+    check_t_bins_case(3, 7, 3, 4, 4, torch.bfloat16, "drift", "degenerate", math.inf, "mixed", n_v=41,
+                      v_offset=17, seed=2)
+
+
+def test_t_bins_gpu_tiles_and_many_programs(monkeypatch):
+    """The CUDA layout under the interpreter: [16, 64] ranking tiles (len(V) = 70 needs 5 row steps and
+    2 column steps) and several programs per sample, each computing the weight itself."""
+    module = importlib.import_module("agm_fast.kernels.weighted_bridge_loss")
+    monkeypatch.setattr(module, "_t_bin_tiles", lambda n_v, interpreted: (16, 64))
+    monkeypatch.setattr(utils, "launch_config", lambda device, n, interpreted: (16, triton.cdiv(n, 16)))
+    check_t_bins_case(3, 3, 1, 7, 7, torch.float32, "drift", "coherent", 2.0, "ties", n_v=70, v_offset=40)
+    check_t_bins_case(2, 20, 1, 5, 5, torch.bfloat16, "drift", "degenerate", 1.0, "mixed", n_v=70, v_offset=0)
+
+
+def test_t_bins_chunks_add_up_and_batch_path_unchanged():
+    x1, pred, t, v, idx = make_inputs(9, 3, 7, torch.float32, "mixed", seed=3)
+    kw = dict(seed=SEED, step=STEP, sigma=0.5, predicts="drift", scheme="softmax", favour="coherent",
+              tau=0.5, clip=1.5)
+    tb = dict(normalise="t_bins", t_bins=3, t_all=t)
+    full = kernel_loss(pred, x1, t, v, sample_index=idx, **kw, **tb)
+    parts = [kernel_loss(pred[s:s + 3], x1[s:s + 3], t[s:s + 3], v, sample_index=idx[s:s + 3],
+                         v_offset=s, normalizer=9, **kw, **tb) for s in (0, 3, 6)]
+    torch.testing.assert_close(sum(p.loss for p in parts), full.loss, rtol=REDUCTION_FLOOR, atol=0)
+    torch.testing.assert_close(torch.cat([p.weights for p in parts]), full.weights, rtol=1e-6, atol=0)
+    assert full.weights.mean().item() == pytest.approx(1.0, rel=1e-6)
+    # normalise=batch ignores t_all and t_bins: bit-identical to the call without them
+    plain = kernel_loss(pred, x1, t, v, sample_index=idx, **kw)
+    batch = kernel_loss(pred, x1, t, v, sample_index=idx, normalise="batch", t_bins=3, t_all=t, **kw)
+    assert torch.equal(plain.weights, batch.weights) and torch.equal(plain.loss, batch.loss)
+    assert not torch.allclose(full.weights, plain.weights)
+    uniform = kernel_loss(pred, x1, t, v, sample_index=idx, **dict(kw, scheme="uniform"), **tb)
+    assert torch.equal(uniform.weights, torch.ones(9, device=DEVICE))
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(normalise="rank"), ValueError, "normalise must be 'batch' or 't_bins', got 'rank'"),
+    (dict(t_bins=0), ValueError, "t_bins must be an integer >= 1"),
+    (dict(t_bins=2.0), ValueError, "t_bins must be an integer >= 1"),
+    (dict(t_all=None), TypeError, "needs t_all"),
+    (dict(t_all="short"), ValueError, "t_all holds 2 times but v holds 3"),
+    (dict(t_all="long_v", t_bins=1025), ValueError, "t_bins <= 1024"),
+])
+def test_t_bins_bad_input_fails_before_launch(monkeypatch, change, exc, match):
+    module = importlib.import_module("agm_fast.kernels.weighted_bridge_loss")
+    monkeypatch.setattr(module, "_weighted_bridge_loss_kernel", _MustNotLaunch())
+    args = _good_args()
+    args.update(normalise="t_bins", t_bins=2, t_all=args["t"])
+    args.update(change)
+    if isinstance(args["t_all"], str) and args["t_all"] == "short":
+        args["t_all"] = args["t"][:2]
+    elif isinstance(args["t_all"], str):  # long_v
+        args["v"] = torch.randn(2000, device=DEVICE)
+        args["t_all"] = torch.rand(2000, device=DEVICE)
+    with pytest.raises(exc, match=match):
+        kernel_loss(**args)
