@@ -89,9 +89,9 @@ class WeightsConfig:
     favour: str = choice("coherent", checks.FAVOURS)    # coherent (w ∝ e^(-s/τ), low V) | degenerate (focal-style)
     tau: float = num(1.0, 0, lo_open=True)             # softmax temperature τ
     clip: float = num(2.0, 0, lo_open=True, inf_off=True)  # clamp of standardised V to ±c (inf = off); max/min w ≤ e^(2c/τ)
-
     normalise: str = choice("batch", checks.NORMALISE)  # batch (standardise V over the batch) | t_bins (within t-quantile bins)
     t_bins: int = num(4, 1)            # t-quantile bins K of the optimiser batch for normalise=t_bins
+
 
 @dataclass
 class OptimConfig:
