@@ -80,7 +80,7 @@ def _check_int(name: str, value, minimum: int, why: str = "") -> int:
 
 # ----------------------------------------------------------------------------- the dataset
 
-def _subset(count: int, n: int, seed: int) -> list[int]:
+def real_subset(count: int, n: int, seed: int) -> list[int]:
     """The real images compared: all of them when count ≤ n, else a seeded random n of them
     (sorted; torch.randperm as the trainer's evaluation subset)."""
     if count <= n:
@@ -132,7 +132,7 @@ def load_real_images(folder, n: int, *, resolution: int, channels: int, seed: in
         if src_ch != channels:
             raise ValueError(f"the checkpoint makes {channels}-channel images but the prepared folder {str(folder)!r} "
                              f"holds {src_ch}-channel images; prepare the data with --channels {channels}")
-        picked = _subset(count, n, seed)
+        picked = real_subset(count, n, seed)
         arr = np.stack([_load_png(folder / _prepared_name(manifest, i), resolution, channels) for i in picked])
         checksum = str(manifest["checksum"])
         info.update(checksum=checksum, checksum_of="the manifest's: " + str(manifest.get("checksum_of", "")),
@@ -143,7 +143,7 @@ def load_real_images(folder, n: int, *, resolution: int, channels: int, seed: in
         from .data import ImageFolderDataset
         ds = ImageFolderDataset(folder, resolution, channels=channels)  # ValueError: no/unreadable images
         count = len(ds)
-        picked = _subset(count, n, seed)
+        picked = real_subset(count, n, seed)
         digest, kind = _files_checksum(folder, ds.files), "fs"
         info.update(checksum="files-sha256:" + digest,
                     checksum_of="sha256 over the sorted readable image files' relative paths, sizes and "
@@ -214,6 +214,35 @@ def frechet_distance(fake: np.ndarray, real: fid.DatasetFeatures) -> tuple[float
     diff = mu1 - real.mu
     value = diff @ diff + (a1 * a1).sum() / c1 + (a2 * a2).sum() / c2 - 2.0 * nuclear / math.sqrt(c1 * c2)
     return max(float(value), 0.0), "low rank (N < D): nuclear norm of A₁A₂ᵀ"
+
+def compare(fake: torch.Tensor, real: torch.Tensor, ref: fid.DatasetFeatures, extract, *, label: str,
+            seed: int) -> tuple[dict, dict, dict]:
+    """The numbers of one evaluation: samples `fake` [N, C, H, W] against the real images `real`
+    (for the pixel-space SWD) whose backbone features are `ref`; `extract` maps images to that
+    backbone's features, `label` names its Fréchet distance, `seed` keys KID's subsets.
+    Returns (metrics, metric_settings, timings). `evaluate` and the trainer's periodic
+    evaluation (train.eval_every) both call this on images in memory."""
+    t0 = time.perf_counter()
+    fake_feats = extract(fake)
+    timings = {"sample_features": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    fd, fd_method = frechet_distance(fake_feats, ref)
+    m_kid = kid_subset_size(fake_feats.shape[0], ref.features.shape[0])
+    kid_mean, kid_std = fid.kid(fake_feats, ref.features, subset_size=m_kid, seed=seed)
+    prdc = fid.prdc(ref.features, fake_feats, k=fid.PRDC_K)
+    swd = metrics.sliced_wasserstein(fake.cpu(), real.cpu())
+    timings["metrics"] = time.perf_counter() - t0
+    scores = {label: fd, "kid_mean": kid_mean, "kid_std": kid_std, **prdc, "sliced_wasserstein": swd}
+    settings = {"fd_method": fd_method, "kid_subsets": fid.KID_SUBSETS, "kid_subset_size": m_kid, "kid_seed": seed,
+                "prdc_k": fid.PRDC_K, "swd_projections": 256, "swd_seed": 0}
+    return scores, settings, timings
+
+
+def folder_cache_key(ds, n_real: int, seed: int) -> str:
+    """The feature-cache key (see `_cache_key`) of n_real images of a data.ImageFolderDataset
+    `ds` picked by `real_subset(len(ds), n_real, seed)`: the trainer's periodic evaluation of a folder."""
+    return _cache_key("fs", _files_checksum(ds.path, ds.files), ds.channels, n_real, len(ds), seed)
+
 
 def _run_dir_outputs(ckpt_file) -> Path:
     """<run>/eval/ for a file of a checkpoint inside a run directory, else eval/ beside the file."""
@@ -312,22 +341,14 @@ def evaluate(run_or_ckpt, data, n: int, *, backbone: str | None = None, inceptio
     ref = fid.dataset_features(cache_dir, dataset_checksum=data_info["cache_key"], backbone=backbone,
                                resolution=h, compute=compute_real, weights_id=wid)
     timings["real_features"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    fake_feats = extract(fake)
-    timings["sample_features"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    fd, fd_method = frechet_distance(fake_feats, ref)
-    m_kid = kid_subset_size(n, ref.features.shape[0])
-    kid_mean, kid_std = fid.kid(fake_feats, ref.features, subset_size=m_kid, seed=seed)
-    prdc = fid.prdc(ref.features, fake_feats, k=fid.PRDC_K)
-    swd = metrics.sliced_wasserstein(fake, real)
-    timings["metrics"] = time.perf_counter() - t0
+    scores, settings, times = compare(fake, real, ref, extract, label=label, seed=seed)
+    timings.update(times)
+    m_kid = settings["kid_subset_size"]
 
     png = write_comparison_png(fake, real, out_png)
     result = {
         "format": EVAL_FORMAT,
-        "metrics": {label: fd, "kid_mean": kid_mean, "kid_std": kid_std, **prdc, "sliced_wasserstein": swd},
+        "metrics": scores,
         "metric_label": label,
         "metric_notes": {
             label: f"Fréchet distance of Gaussians fitted to the {backbone} features of the samples and of the "
@@ -337,12 +358,10 @@ def evaluate(run_or_ckpt, data, n: int, *, backbone: str | None = None, inceptio
             "prdc": f"precision, recall, density, coverage with k = {fid.PRDC_K} nearest neighbours",
             "sliced_wasserstein": "sliced Wasserstein-2 distance in pixel space ([-1, 1]), 256 seeded directions",
         },
-        "metric_settings": {"fd_method": fd_method, "kid_subsets": fid.KID_SUBSETS, "kid_subset_size": m_kid,
-                            "kid_seed": seed,
-                            "prdc_k": fid.PRDC_K, "swd_projections": 256, "swd_seed": 0},
+        "metric_settings": settings,
         "n": n,
         "n_real": int(real.shape[0]),
-        "backbone": {"name": backbone, "label": label, "feature_dim": int(fake_feats.shape[1]), "weights_id": wid,
+        "backbone": {"name": backbone, "label": label, "feature_dim": int(ref.features.shape[1]), "weights_id": wid,
                      "weights_file": str(inception_weights) if backbone == "inception" else "packaged"},
         "seed": seed,
         "checkpoint": {"path": ema, "given": str(run_or_ckpt), "step": meta["step"],

@@ -42,8 +42,9 @@ class TrainingError(RuntimeError):
 
 
 class _Interrupted(BaseException):
-    """SIGINT/SIGTERM after the final checkpoint. A BaseException so that no `except Exception`
-    on the way (image loading, plotting) mistakes it for a failure of its own."""
+    """SIGINT/SIGTERM after the final checkpoint or during an evaluation (train.eval_every). A
+    BaseException so that no `except Exception` on the way (image loading, plotting) mistakes it
+    for a failure of its own."""
 
 
 def git_commit() -> str | None:
@@ -77,13 +78,14 @@ class Trainer:
         else:
             self.autocast_dtype = None
 
-        if t.sample_every or t.eval_images:  # fail now, not at the first sample grid
+        if t.sample_every or t.eval_images or t.eval_every:  # fail now, not at the first sample grid
             from .sampler import time_grid
             try:
                 time_grid(cfg.sample.steps, cfg.bridge.t_min, cfg.bridge.t_eps)
                 em_impl, _ = dispatch.resolve("sample.em", cfg.sample.em, self.device)
             except ValueError as e:
-                raise ConfigError(f"{e} (or set train.sample_every=0 and train.eval_images=0)") from None
+                raise ConfigError(f"{e} (or set train.sample_every=0, train.eval_images=0 and "
+                                  "train.eval_every=0)") from None
             if cfg.sample.cuda_graph and (self.device.type != "cuda" or em_impl != "ext"):
                 raise ConfigError(f"sample.cuda_graph=true needs a CUDA device and the fused op; here: "
                                   f"{self.device}, sample.em → {em_impl}")
@@ -117,6 +119,9 @@ class Trainer:
         self.stop_signal: str | None = None
         self._signum = 0
         self._finishing = False
+        self._evaluating = False        # a signal now interrupts the evaluation (train.eval_every)
+        self._eval_ref = None           # the periodic evaluation's reference: built once per run
+        self._evals_logged: set[int] = set()  # steps with an eval row in metrics.jsonl
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not resume and self.is_main:
@@ -167,14 +172,21 @@ class Trainer:
         atomic_write_text(self.run_dir / "run_info.json", json.dumps(info, indent=1) + "\n")
 
     def _truncate_metrics(self) -> None:
-        """Drop metric lines past the resumed step (a killed run may have logged beyond its checkpoint)."""
+        """Drop metric lines past the resumed step (a killed run may have logged beyond its checkpoint).
+        A loss row's step is the index of the step it logs (0, 1, …): the checkpoint at step k
+        keeps those < k. An eval row's step is the number of steps done when it evaluated: it
+        keeps those ≤ k (the evaluation at k saw the checkpointed weights)."""
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
         keep = []
         for ln in path.read_text().splitlines():
             try:
-                if json.loads(ln)["step"] < self.step:
+                row = json.loads(ln)
+                if "eval" in row and row["step"] <= self.step:
+                    keep.append(ln)
+                    self._evals_logged.add(row["step"])
+                elif "eval" not in row and row["step"] < self.step:
                     keep.append(ln)
             except (json.JSONDecodeError, KeyError, TypeError):
                 pass  # a line cut short by a kill: the metrics file is a log, not state
@@ -213,6 +225,9 @@ class Trainer:
         self._signum = signum
         if self._finishing:  # training is over and checkpointed: stopping now loses nothing
             raise _Interrupted()
+        if self._evaluating:  # drop the evaluation; the loop stops and checkpoints at this step
+            self._evaluating = False
+            raise _Interrupted()
 
     def _stopping(self) -> bool:
         """Whether to stop before the next step. Under DDP every rank calls this once per step and
@@ -242,6 +257,9 @@ class Trainer:
                 from tqdm.contrib.logging import logging_redirect_tqdm
                 redirect.enter_context(logging_redirect_tqdm(loggers=[log], tqdm_class=type(bar)))
             it = iter(self.loader)
+            if (self.is_main and t.eval_every and 0 < self.step <= t.steps and self.step % t.eval_every == 0
+                    and self.step not in self._evals_logged):  # resumed where an evaluation was cut short
+                self._periodic_eval(metrics_f)
             while self.step < t.steps and not self._stopping():
                 step, indices, x1 = next(it)
                 assert step == self.step, f"data loader at step {step}, trainer at {self.step}"
@@ -280,8 +298,14 @@ class Trainer:
                              row["loss_f"], row["loss_v"], row["ess"], row["v_gap"], row["img_per_s"])
                 if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
                     self.save_checkpoint()
+                plot = False
                 if t.sample_every and self.step % t.sample_every == 0:
                     self.write_samples()
+                    plot = True
+                if t.eval_every and self.step % t.eval_every == 0:
+                    self._periodic_eval(metrics_f)
+                    plot = True
+                if plot:
                     self.write_plot()
             ckpt = self.save_checkpoint()
             if self.dist is not None:  # no rank leaves before the checkpoint is complete
@@ -334,26 +358,31 @@ class Trainer:
         atomic_write(self.run_dir / "samples.png", lambda tmp: shutil.copyfile(out, tmp))
         return out
 
+    def _reference_images(self, n: int) -> tuple[torch.Tensor, str]:
+        """(n reference images [m, C, R, R] on the CPU, what they are) for the final and the
+        periodic evaluations: held-out procedural images (another seed) for shapes; for a folder a
+        seeded random subset of the training images (evaluate.real_subset with train.seed; all of
+        them when the folder holds ≤ n), as a folder's sorted order often groups images by class."""
+        from . import data
+        cfg = self.cfg
+        if cfg.data.dataset == "shapes":  # a different seed: images the run never saw
+            ref_set = data.make_dataset("shapes", resolution=cfg.data.resolution, channels=cfg.data.channels,
+                                        num_images=n, seed=cfg.train.seed + 1)
+            return torch.stack([ref_set[i] for i in range(n)]), f"{n} held-out procedural images"
+        from .evaluate import real_subset
+        picked = real_subset(len(self.dataset), n, cfg.train.seed)
+        return (torch.stack([self.dataset[i] for i in picked]),
+                f"{len(picked)} training images, a seeded random subset (no held-out split)")
+
     def evaluate(self, last: dict) -> dict:
         """metrics.json: final losses and a download-free quality number (sliced Wasserstein
         distance to held-out images) for the EMA drift and for an untrained net of the same shape."""
-        from . import data, metrics, models
+        from . import metrics, models
         cfg, n = self.cfg, self.cfg.train.eval_images
         result = {"step": self.step, "final": last, "parameters": {"drift": self.n_drift, "potential": self.n_potential},
                   "weights.scheme": cfg.weights.scheme, "sample.steps": cfg.sample.steps}
         if n:
-            if cfg.data.dataset == "shapes":  # a different seed: images the run never saw
-                ref_set = data.make_dataset("shapes", resolution=cfg.data.resolution, channels=cfg.data.channels,
-                                            num_images=n, seed=cfg.train.seed + 1)
-                result["reference_images"] = f"{n} held-out procedural images"
-                picked = range(n)
-            else:  # a seeded random subset: a folder's sorted order often groups images by class or source
-                ref_set = self.dataset
-                g = torch.Generator().manual_seed(cfg.train.seed)
-                picked = sorted(torch.randperm(len(ref_set), generator=g)[:n].tolist())
-                result["reference_images"] = (f"{len(picked)} training images, a seeded random subset "
-                                              "(no held-out split)")
-            ref = torch.stack([ref_set[i] for i in picked])
+            ref, result["reference_images"] = self._reference_images(n)
             torch.manual_seed(cfg.train.seed)
             untrained = models.DriftUNet(**drift_arch(cfg)).to(self.device).eval()
             trained_images = self.sample_ema(len(ref), seed=cfg.sample.seed + 1)
@@ -363,6 +392,86 @@ class Trainer:
             result["metric"] = "sliced Wasserstein-2 distance to reference images (lower is better; not FID)"
         atomic_write_text(self.run_dir / "metrics.json", json.dumps(result, indent=1) + "\n")
         return result
+
+    def _periodic_eval(self, metrics_f) -> dict | None:
+        """Run one evaluation during training (train.eval_every) and append its row to
+        metrics.jsonl. A signal during it drops it (no row) and the loop stops and checkpoints at
+        this step; a resumed run evaluates that step again. A failure (e.g. non-finite samples
+        of a diverging EMA) is logged and training goes on."""
+        if self.stop_signal is not None:  # stopping anyway: the checkpoint comes first
+            return None
+        try:
+            self._evaluating = True
+            try:
+                row = self.evaluate_periodic()
+            finally:
+                self._evaluating = False
+        except _Interrupted:
+            log.warning("%s received during the evaluation at step %d: evaluation dropped", self.stop_signal,
+                        self.step)
+            return None
+        except (ValueError, FloatingPointError) as e:
+            log.warning("step %d: the evaluation failed (%s); training goes on", self.step, e)
+            return None
+        metrics_f.write(json.dumps(row) + "\n")
+        metrics_f.flush()
+        self._evals_logged.add(self.step)
+        return row
+
+    def evaluate_periodic(self) -> dict:
+        """One evaluation during training: train.eval_n samples of the EMA drift (seed
+        sample.seed + 1, the same noise every time) against the reference images of the final
+        evaluation (`_reference_images`), through evaluate.compare: FD-EffLite0 and KID (and PRDC)
+        on EfficientNet-Lite0 features, the pixel-space SWD. The reference and its features are
+        built at the first call and kept for the run (for a folder also in fid's on-disk cache,
+        keyed by the files' checksum). Without the packaged EffLite0 weights: SWD only (logged
+        once). Returns the metrics.jsonl row {"step": k, "eval": {...}}."""
+        from . import evaluate, metrics
+        t0 = time.perf_counter()
+        n = self.cfg.train.eval_n
+        if self._eval_ref is None:
+            self._eval_ref = self._periodic_reference(n)
+        real, ref, extract, label = self._eval_ref
+        fake = self.sample_ema(n, seed=self.cfg.sample.seed + 1).cpu()
+        if ref is None:
+            scores = {"swd": metrics.sliced_wasserstein(fake, real)}
+        else:
+            full, _, _ = evaluate.compare(fake, real, ref, extract, label=label, seed=self.cfg.sample.seed)
+            scores = {k: v for k, v in full.items() if k != "sliced_wasserstein"}
+            scores["swd"] = full["sliced_wasserstein"]
+        seconds = time.perf_counter() - t0
+        scores.update(n=n, n_real=int(real.shape[0]), seconds=round(seconds, 3))
+        log.info("step %d  eval (N = %d): %s  (%.1f s)", self.step, n,
+                 "  ".join(f"{k} {scores[k]:.4g}" for k in (label, "kid_mean", "swd") if k in scores), seconds)
+        return {"step": self.step, "eval": scores}
+
+    def _periodic_reference(self, n: int):
+        """(reference images, their features or None, the feature extractor, the FD label) of
+        `evaluate_periodic`."""
+        from . import evaluate, features, fid
+        t0 = time.perf_counter()
+        real, what = self._reference_images(n)
+        ok, why = features.efflite0_available()
+        if not ok or real.shape[0] < evaluate.MIN_N:
+            why = why if not ok else f"the reference holds {real.shape[0]} images, PRDC needs {evaluate.MIN_N}"
+            log.warning("train.eval_every: %s; the evaluations during training report the sliced Wasserstein "
+                        "distance only", why)
+            return real, None, None, None
+        backbone = "efflite0"
+        label, wid = features.metric_label(backbone), features.weights_id(backbone)
+        batch = min(self.cfg.sample.batch_size, n)
+        extract = lambda x: features.extract(x, backbone, batch_size=min(batch, x.shape[0]),  # noqa: E731
+                                             device=self.device)
+        if self.cfg.data.dataset == "folder":
+            key = evaluate.folder_cache_key(self.dataset, real.shape[0], self.cfg.train.seed)
+            ref = fid.dataset_features(evaluate.default_cache_dir(), dataset_checksum=key, backbone=backbone,
+                                       resolution=self.cfg.data.resolution, compute=lambda: extract(real),
+                                       weights_id=wid)
+        else:  # procedural images have no checksum: kept in memory for this run only
+            feats = extract(real).astype("float32").astype("float64")  # as fid's cache stores them
+            ref = fid.DatasetFeatures(feats, *fid.feature_statistics(feats))
+        log.info("train.eval_every: reference %s, %s features in %.1f s", what, label, time.perf_counter() - t0)
+        return real, ref, extract, label
 
     def write_plot(self) -> Path | None:
         from .plots import plot_metrics
