@@ -57,7 +57,13 @@ def drift_arch(cfg: Config) -> dict:
     return dict(in_channels=d.channels, resolution=d.resolution, channels=m.channels,
                 channel_mult=list(m.channel_mult), num_blocks=m.num_blocks,
                 attn_resolutions=list(m.attn_resolutions), num_heads=m.num_heads,
-                dropout=m.dropout, attention=m.attention, time_injection=m.time_injection)
+                dropout=m.dropout, attention=m.attention, time_injection=m.time_injection,
+                fused_norm=m.fused_norm)
+
+
+# keys added to drift_arch after files were written without them, with the value that reproduces
+# what those files ran: an older record is read as if it held these
+DRIFT_ARCH_DEFAULTS = {"fused_norm": "off"}
 
 
 def potential_arch(cfg: Config) -> dict:
@@ -68,6 +74,8 @@ def potential_arch(cfg: Config) -> dict:
 
 
 def check_arch(source, saved: dict, expected: dict, what: str) -> None:
+    if all(k in expected for k in DRIFT_ARCH_DEFAULTS):  # a drift record: older files lack the newer keys
+        saved = {**{k: v for k, v in DRIFT_ARCH_DEFAULTS.items() if k not in saved}, **saved}
     if saved != expected:
         diff = ", ".join(f"{k}: {saved.get(k)!r} there vs {expected.get(k)!r} here"
                          for k in sorted(set(saved) | set(expected)) if saved.get(k) != expected.get(k))
@@ -340,7 +348,7 @@ def drift_image_shape(meta: dict) -> tuple[int, int, int]:
 def build_drift_net(drift_arch: dict) -> torch.nn.Module:
     """DriftUNet(**drift_arch); tests replace this function to use a stand-in network."""
     from .models import DriftUNet
-    return DriftUNet(**drift_arch)
+    return DriftUNet(**{**DRIFT_ARCH_DEFAULTS, **drift_arch})
 
 
 def load_drift(path, device="cpu", meta: dict | None = None) -> tuple[torch.nn.Module, dict]:

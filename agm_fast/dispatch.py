@@ -55,8 +55,18 @@ def _ext_status(device: torch.device) -> tuple[bool, str]:
 
 
 def resolve(switch: str, requested: str, device: torch.device) -> tuple[str, str]:
-    """Resolve `train.kernels` or `sample.em` to the implementation that will run, with why."""
+    """Resolve `train.kernels`, `sample.em` or `model.fused_norm` to the implementation that will run, with why.
+
+    model.fused_norm resolves to 'torch' (the GroupNorm + SiLU modules) or 'triton'; DriftUNet applies
+    the same rule itself on its first forward (models.resolve_fused_norm, as for model.attention)."""
     device = torch.device(device)
+    if switch == "model.fused_norm":
+        from agm_fast import models
+        check_choice(switch, requested)
+        try:
+            return models.resolve_fused_norm(requested, device)
+        except ValueError as e:
+            raise UnavailableError(str(e)) from None
     if switch == "train.kernels":
         fast, status = "triton", _triton_status
     elif switch == "sample.em":
@@ -101,12 +111,12 @@ def weighted_bridge_loss(impl: str, pred, x1, t, v, **kw) -> bridge.LossOutput:
 # ----------------------------------------------------------------------------- info
 
 def describe(device: torch.device | str = "cpu", train_kernels: str = "auto", sample_em: str = "auto",
-             attention: str = "auto") -> dict[str, tuple[str, str]]:
+             attention: str = "auto", fused_norm: str = "auto") -> dict[str, tuple[str, str]]:
     """What `auto` (or the given choices) resolves to on `device`, with the reason for each."""
     from agm_fast import models
     device = torch.device(device)
     out = {}
-    for switch, req in (("train.kernels", train_kernels), ("sample.em", sample_em)):
+    for switch, req in (("train.kernels", train_kernels), ("sample.em", sample_em), ("model.fused_norm", fused_norm)):
         try:
             out[switch] = resolve(switch, req, device)
         except ValueError as e:

@@ -17,6 +17,13 @@ The choice is resolved per device on the first forward (or by `net.resolve_atten
 logged once on the 'agm_fast' logger and kept in `net.attention_backend`. Resolve before
 `torch.compile(fullgraph=True)`: the probe and the log line are not traceable (a graph break otherwise).
 
+Fused GroupNorm + SiLU (`fused_norm` ∈ FUSED_NORMS, the config's model.fused_norm): 'off' runs the
+modules (GroupNorm, the time term, SiLU: the reference); 'triton' runs agm_fast.kernels.group_norm_silu
+for each ResBlock's norm1 + SiLU and norm2 + time + SiLU and for the output norm + SiLU (the same
+parameters, so a state dict loads either way); 'auto' is triton on a CUDA device where the kernels run
+natively, the modules elsewhere. Resolved per device on the first forward (`resolve_fused_norm`, which
+agm_fast.dispatch also answers for `agm-fast info`), logged once, kept in `net.norm_impl`.
+
 Every network keeps its constructor arguments in `net.arch` (plain JSON values), so a checkpoint
 rebuilds it with `type(net)(**net.arch)`.
 """
@@ -35,6 +42,7 @@ from . import checks
 logger = logging.getLogger("agm_fast")
 
 ATTENTION_BACKENDS = checks.ATTENTION
+FUSED_NORMS = ("off", "triton", "auto")  # model.fused_norm: the modules | the Triton kernel | triton on CUDA
 TIME_SCALE = 1000.0  # t ∈ [0, 1] is scaled before the sinusoids so low frequencies still vary over [0, 1]
 
 
@@ -153,6 +161,55 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -
     raise ValueError(f"attention backend must be one of 'math', 'sdpa', 'xformers' (resolved); got {backend!r}")
 
 
+# ----------------------------------------------------------------------------- fused GroupNorm + SiLU
+
+def _triton_norm_status(device: torch.device) -> tuple[bool, str]:
+    """Whether agm_fast.kernels.group_norm_silu runs on `device` (natively on CUDA, or in the interpreter)."""
+    try:
+        from agm_fast import kernels
+    except Exception as e:  # an import error of triton itself must not break the models
+        return False, f"agm_fast.kernels failed to import: {e}"
+    if device.type != "cuda":
+        if kernels.interpreter_active():
+            return True, "Triton interpreter (TRITON_INTERPRET=1) on CPU tensors"
+        return False, "Triton needs a CUDA device (or TRITON_INTERPRET=1 for tests on CPU)"
+    return kernels.available()
+
+
+def resolve_fused_norm(requested: str, device) -> tuple[str, str]:
+    """('torch' | 'triton', reason) for `model.fused_norm=requested` on `device`.
+
+    off → the modules; triton → the kernel, a ValueError when it cannot run here (no silent
+    fallback); auto → the kernel on a CUDA device where Triton runs natively, else the modules."""
+    checks.one_of("fused_norm", requested, FUSED_NORMS)
+    device = torch.device(device)
+    if requested == "off":
+        return "torch", "GroupNorm + SiLU modules (model.fused_norm=off, the reference)"
+    ok, why = _triton_norm_status(device)
+    if requested == "triton":
+        if not ok:
+            raise ValueError(f"model.fused_norm='triton' cannot run on {device}: {why}")
+        return "triton", why
+    if ok and device.type == "cuda":
+        return "triton", why
+    return "torch", f"auto: {why}" if not ok else f"auto: the modules on {device.type} (triton only chosen on CUDA)"
+
+
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor, impl: str, *, e=None, scale=None, shift=None) -> torch.Tensor:
+    """SiLU(norm(x) [+ e | ·(1 + scale) + shift]) with e, scale, shift [B, C, 1, 1]: the modules, or the kernel."""
+    if impl == "triton":
+        from agm_fast import kernels
+        mode = "add" if e is not None else "scale_shift" if scale is not None else "none"
+        return kernels.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, eps=norm.eps, mode=mode,
+                                       e=e, scale=scale, shift=shift)
+    h = norm(x)
+    if e is not None:  # add after the norm: DDPM adds before it, which GroupNorm cancels when a group is one channel
+        h = h + e
+    elif scale is not None:  # ADM: norm(h)·(1 + scale) + shift
+        h = torch.addcmul(shift, h, 1 + scale)
+    return F.silu(h)
+
+
 # ----------------------------------------------------------------------------- drift U-Net
 
 class SelfAttention(nn.Module):
@@ -190,15 +247,15 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
         self.attn = SelfAttention(out_ch, num_heads) if attend else None
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, backend: str) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, backend: str, norm_impl: str = "torch") -> torch.Tensor:
+        h = self.conv1(norm_silu(self.norm1, x, norm_impl))
         e = self.emb_proj(F.silu(emb))[:, :, None, None]
         if self.scale_shift:  # ADM: norm(h)·(1 + scale) + shift
             scale, shift = e.chunk(2, dim=1)
-            h = torch.addcmul(shift, self.norm2(h), 1 + scale)
-        else:  # add after the norm: DDPM adds before it, which GroupNorm cancels when a group is one channel
-            h = self.norm2(h) + e
-        h = self.conv2(self.dropout(F.silu(h)))
+            h = norm_silu(self.norm2, h, norm_impl, scale=scale, shift=shift)
+        else:  # add after the norm
+            h = norm_silu(self.norm2, h, norm_impl, e=e)
+        h = self.conv2(self.dropout(h))
         x = self.skip(x) + h
         return self.attn(x, backend) if self.attn is not None else x
 
@@ -236,12 +293,15 @@ class DriftUNet(nn.Module):
         dropout: float,                  # dropout inside residual blocks
         attention: str,                  # 'auto' | 'xformers' | 'sdpa' | 'math'
         time_injection: str,             # 'add': GN(h) + e(t) | 'scale_shift' (ADM): GN(h)·(1 + s(t)) + b(t)
+        fused_norm: str = "off",         # 'off' | 'triton' | 'auto': fused GroupNorm + SiLU (+ time) kernel;
+                                         # defaulted (the only one) so arch records older than it build as they ran
     ):
         # The arguments are the config's model.* fields (checked there: agm_fast.config); the
         # defaults live only in the config. Checked here: what the config cannot know.
         super().__init__()
         checks.one_of("attention", attention, ATTENTION_BACKENDS)
         checks.one_of("time_injection", time_injection, checks.TIME_INJECTIONS)
+        checks.one_of("fused_norm", fused_norm, FUSED_NORMS)
         channel_mult, attn_resolutions = tuple(int(m) for m in channel_mult), tuple(int(r) for r in attn_resolutions)
         if attention == "xformers":  # fail at build time when it cannot even import; CUDA is checked per device
             ok, why = _xformers_importable()
@@ -251,8 +311,12 @@ class DriftUNet(nn.Module):
         self.arch = dict(in_channels=in_channels, resolution=resolution, channels=channels,
                          channel_mult=list(channel_mult), num_blocks=num_blocks,
                          attn_resolutions=list(attn_resolutions), num_heads=num_heads, dropout=float(dropout),
-                         attention=attention, time_injection=time_injection)
+                         attention=attention, time_injection=time_injection, fused_norm=fused_norm)
         self.in_channels, self.resolution, self.attention = in_channels, resolution, attention
+        self.fused_norm = fused_norm
+        self.norm_impl: str | None = None  # resolved on the first forward / resolve_norm_impl
+        self.norm_reason: str | None = None
+        self._norm_device: str | None = None
         self.pad_multiple = 2 ** (len(channel_mult) - 1)
         self.attention_backend: str | None = None  # resolved on the first forward / resolve_attention_backend
         self.attention_reason: str | None = None
@@ -311,10 +375,24 @@ class DriftUNet(nn.Module):
                             self.attention_backend, device, self.attention_reason)
         return self.attention_backend
 
+    def resolve_norm_impl(self, device) -> str:
+        """Resolve model.fused_norm for `device` (again only when the device changes), log it, return 'torch' | 'triton'."""
+        device = torch.device(device)
+        if self._norm_device != str(device):
+            self.norm_impl, self.norm_reason = resolve_fused_norm(self.fused_norm, device)
+            self._norm_device = str(device)
+            key = ("fused_norm", self.fused_norm, self.norm_impl, str(device))
+            if key not in _LOGGED:
+                _LOGGED.add(key)
+                logger.info("DriftUNet GroupNorm + SiLU: model.fused_norm=%r → %s on %s (%s)", self.fused_norm,
+                            self.norm_impl, device, self.norm_reason)
+        return self.norm_impl
+
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         _check_x(x, self.in_channels)
         t = _check_t(t, x)
         backend = self.resolve_attention_backend(x.device)
+        norm_impl = self.resolve_norm_impl(x.device)
 
         # pad H, W to a multiple of 2^(levels-1) (zeros, centred) so every downsampling is exact
         H, W = x.shape[-2:]
@@ -327,16 +405,16 @@ class DriftUNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for module in self.enc.values():
-            h = module(h, emb, backend) if isinstance(module, ResBlock) else module(h)
+            h = module(h, emb, backend, norm_impl) if isinstance(module, ResBlock) else module(h)
             skips.append(h)
         for module in self.mid:
-            h = module(h, emb, backend)
+            h = module(h, emb, backend, norm_impl)
         for module in self.dec.values():
             if isinstance(module, ResBlock):
-                h = module(torch.cat([h, skips.pop()], dim=1), emb, backend)
+                h = module(torch.cat([h, skips.pop()], dim=1), emb, backend, norm_impl)
             else:
                 h = module(h)
-        out = self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(norm_silu(self.norm_out, h, norm_impl))
         return out[..., ph // 2: ph // 2 + H, pw // 2: pw // 2 + W]
 
 

@@ -4,10 +4,13 @@
     weighted_bridge_loss(pred, x1, t, v, *, seed, step, sample_index, sigma, predicts, scheme,
                          favour, tau, clip, v_offset, normalizer) -> (loss, per_sample, weights)
     noise_sum(seed, step, sample_index, n_per_sample) -> [B]   (noise-only cost limit, bench)
+    group_norm_silu(x, groups, weight, bias, *, eps, mode, e, scale, shift) -> y
+        SiLU(GroupNorm(x) [+ e | ·(1 + scale) + shift]), forward and backward, NCHW or NHWC
 
 Each mirrors its pure-PyTorch reference in agm_fast.bridge and draws x0, ε in-kernel from the
 agm_fast.rng Philox stream. Modules: bridge_sample and weighted_bridge_loss (kernels, launch,
-wrapper), philox (in-kernel Philox/Box–Muller, the noise-only kernel), utils (launch helpers and
+wrapper), group_norm_silu (the fused GroupNorm + SiLU of DriftUNet's blocks; reference: the
+modules it replaces), philox (in-kernel Philox/Box–Muller, the noise-only kernel), utils (launch helpers and
 argument checks), compile_check (ahead-of-time compilation for sm_80/sm_90). The kernels import
 only agm_fast.rng, agm_fast.checks and each other (docs/design.md §4).
 
@@ -29,10 +32,12 @@ else:
     _TRITON_ERROR = None
     from . import philox, utils
     from .bridge_sample import bridge_sample
+    from .group_norm_silu import group_norm_silu
     from .philox import noise_sum
     from .weighted_bridge_loss import weighted_bridge_loss
 
-__all__ = ["available", "interpreter_active", "bridge_sample", "weighted_bridge_loss", "noise_sum"]
+__all__ = ["available", "interpreter_active", "bridge_sample", "weighted_bridge_loss", "noise_sum",
+           "group_norm_silu"]
 
 
 def interpreter_active() -> bool:
@@ -60,4 +65,4 @@ if _triton is None:
     def _missing(*_args, **_kwargs):
         raise RuntimeError(f"agm_fast.kernels needs triton: {_TRITON_ERROR}")
 
-    bridge_sample = weighted_bridge_loss = noise_sum = _missing
+    bridge_sample = weighted_bridge_loss = noise_sum = group_norm_silu = _missing

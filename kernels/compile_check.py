@@ -63,6 +63,27 @@ def _variants() -> list[tuple[str, str, dict, dict, int]]:
                  "n_rows": "i32", "num_k": "i32", "n_per_sample_f": "fp32", "normalizer": "fp32",
                  "BLOCK_B": "constexpr", "BLOCK_K": "constexpr"},
                 {"BLOCK_B": 32, "BLOCK_K": 256}, 8))
+    # fused GroupNorm + SiLU: every mode × dtype (x and the time terms in x's dtype, γ/β fp32 as
+    # under autocast); both layouts run the same variant (strides are arguments). BLOCK_C: the
+    # power of 2 over the channels per group, BLOCK_HW: 2,048 elements per tile (see _blocks)
+    for mode in (0, 1, 2):
+        for dt in DTYPES:
+            for block_c in ((1, 4, 16) if dt == "bf16" else (4,)):
+                const = {"MODE": mode, "BLOCK_HW": 2048 // block_c, "BLOCK_C": block_c, "BF16_RNE_BY_BITS": False}
+                common = {"w_ptr": "*fp32", "b_ptr": "*fp32", "t1_ptr": f"*{dt}" if mode else "*fp32",
+                          "t2_ptr": f"*{dt}" if mode == 2 else "*fp32"}
+                dims = {"C": "i32", "n_hw": "i32", "cpg": "i32", "stride_n": "i32", "stride_c": "i32",
+                        "stride_hw": "i32"}
+                out.append(("group_norm_silu", "_gn_silu_fwd_kernel",
+                            {"x_ptr": f"*{dt}", **common, "y_ptr": f"*{dt}", "mean_ptr": "*fp32",
+                             "rstd_ptr": "*fp32", **dims, "eps": "fp32", **{k: "constexpr" for k in const}},
+                            const, 4))
+                out.append(("group_norm_silu", "_gn_silu_bwd_kernel",
+                            {"x_ptr": f"*{dt}", "dy_ptr": f"*{dt}", **common, "mean_ptr": "*fp32",
+                             "rstd_ptr": "*fp32", "dx_ptr": f"*{dt}", "dw_part_ptr": "*fp32",
+                             "db_part_ptr": "*fp32", "dt1_ptr": "*fp32", "dt2_ptr": "*fp32", **dims,
+                             **{k: "constexpr" for k in const}},
+                            const, 4))
     out.append(("philox", "_noise_sum_kernel",
                 {"sample_index_ptr": "*i64", "partial_ptr": "*fp32", "n_per_sample": "i32", "seed_lo": "u32",
                  "seed_hi": "u32", "step": "u32", "BLOCK": "constexpr"},
@@ -85,7 +106,7 @@ def _compile(job: tuple[int, tuple]) -> dict:
     kernel = getattr(importlib.import_module(f"agm_fast.kernels.{module_name}"), kernel_name)
     pointers = [i for i, ty in enumerate(signature.values()) if ty.startswith("*")]
     types = {k: v for k, v in signature.items() if v != "constexpr"}
-    variant = " ".join([f"{k[:-4]}:{v[1:]}" for k, v in types.items() if k in ("pred_ptr", "x1_ptr")]
+    variant = " ".join([f"{k[:-4]}:{v[1:]}" for k, v in types.items() if k in ("pred_ptr", "x1_ptr", "x_ptr")]
                        + [f"{k}={v}" for k, v in constexprs.items()
                           if k not in ("BLOCK", "BF16_RNE_BY_BITS", "T_BLOCK_I", "T_BLOCK_J")]
                        + ([f"seeds:{types['seed_lo']}"] if "seed_lo" in types else []))
