@@ -124,9 +124,9 @@ class TrainConfig:
     sample_every: int = num(500, 0)    # steps between sample grids, plus one at the end (0 = off)
     sample_grid: int = num(64, 1, 1024)  # images in each grid
     eval_images: int = num(256, 0)     # images for the end-of-run quality number (0 = off)
-    ckpt_every: int = num(500, 0)      # steps between checkpoints (0 = only at the end)
     eval_every: int = num(0, 0)        # steps between evaluations during training: FD-EffLite0, KID, SWD of train.eval_n samples to metrics.jsonl (0 = off)
     eval_n: int = num(256, 6)          # samples (and reference images) per evaluation during training
+    ckpt_every: int = num(500, 0)      # steps between checkpoints (0 = only at the end)
     keep_ckpts: int = num(2, 1)        # checkpoints kept on disk
     init_from: str = ""                # checkpoint dir or .safetensors to fine-tune from
     max_nonfinite: int = num(10, 0)    # non-finite losses skipped before the run stops
