@@ -33,6 +33,7 @@ NEGATIVES = ("pixel_shuffle", "patch_shuffle", "noise")   # structure-destroyed 
 ATTENTION = ("auto", "xformers", "sdpa", "math")          # DriftUNet's attention backends
 TIME_INJECTIONS = ("add", "scale_shift")                  # how DriftUNet's blocks take t
 TIME_INPUTS = ("channel", "film")                         # how PotentialNet takes t
+FUSED_NORMS = ("off", "triton", "auto")                   # DriftUNet's GroupNorm + SiLU: modules | Triton kernel | triton on CUDA
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

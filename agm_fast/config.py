@@ -64,7 +64,7 @@ class ModelConfig:
     attention: str = choice("auto", checks.ATTENTION)     # auto | xformers | sdpa | math
     time_injection: str = choice("add", checks.TIME_INJECTIONS)  # add (GN(h) + e(t)) | scale_shift (ADM: GN(h)·(1 + s) + b)
     predicts: str = choice("drift", checks.PREDICTS)     # drift | x1 (drift = (x̂1 - x_t)/(1-t), loss on x1)
-    fused_norm: str = choice("off", ("off", "triton", "auto"))  # off | triton | auto (fused GroupNorm + SiLU (+ time) kernel; auto = triton on CUDA)
+    fused_norm: str = choice("off", checks.FUSED_NORMS)  # off | triton | auto (fused GroupNorm + SiLU (+ time) kernel; auto = triton on CUDA)
 
 
 @dataclass

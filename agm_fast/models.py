@@ -42,7 +42,7 @@ from . import checks
 logger = logging.getLogger("agm_fast")
 
 ATTENTION_BACKENDS = checks.ATTENTION
-FUSED_NORMS = ("off", "triton", "auto")  # model.fused_norm: the modules | the Triton kernel | triton on CUDA
+FUSED_NORMS = checks.FUSED_NORMS  # model.fused_norm: the modules | the Triton kernel | triton on CUDA
 TIME_SCALE = 1000.0  # t ∈ [0, 1] is scaled before the sinusoids so low frequencies still vary over [0, 1]
 
 
@@ -293,8 +293,8 @@ class DriftUNet(nn.Module):
         dropout: float,                  # dropout inside residual blocks
         attention: str,                  # 'auto' | 'xformers' | 'sdpa' | 'math'
         time_injection: str,             # 'add': GN(h) + e(t) | 'scale_shift' (ADM): GN(h)·(1 + s(t)) + b(t)
-        fused_norm: str = "off",         # 'off' | 'triton' | 'auto': fused GroupNorm + SiLU (+ time) kernel;
-                                         # defaulted (the only one) so arch records older than it build as they ran
+        fused_norm: str,                 # 'off' | 'triton' | 'auto': fused GroupNorm + SiLU (+ time) kernel
+                                         # (records written before it existed: checkpoint.DRIFT_ARCH_DEFAULTS)
     ):
         # The arguments are the config's model.* fields (checked there: agm_fast.config); the
         # defaults live only in the config. Checked here: what the config cannot know.

@@ -257,7 +257,7 @@ def test_checkpoint_round_trip(tmp_path, stand_in_net):
 def test_checkpoint_with_the_real_drift_unet(tmp_path):
     models = pytest.importorskip("agm_fast.models")
     arch = dict(in_channels=1, resolution=8, channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
-                num_heads=1, dropout=0.0, attention="auto", time_injection="add")
+                num_heads=1, dropout=0.0, attention="auto", time_injection="add", fused_norm="off")
     net = models.DriftUNet(**arch)
     path = tmp_path / "ema.safetensors"
     _save(path, net, arch=arch)
