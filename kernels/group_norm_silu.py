@@ -95,6 +95,17 @@ def _gn_silu_fwd_kernel(x_ptr, w_ptr, b_ptr, t1_ptr, t2_ptr, y_ptr, mean_ptr, rs
 
 
 @triton.jit
+def _silu_input_grad(x, dy, mean, rstd, gamma, beta, scale, shift):
+    """One tile of the backward's recomputation: x̂, z = x̂·γ + β, and ∂L/∂a of y = SiLU(a) with
+    a = z·scale + shift (both passes of the backward recompute the same values)."""
+    xh = (x - mean) * rstd
+    z = xh * gamma[None, :] + beta[None, :]
+    a = z * scale[None, :] + shift[None, :]
+    sig = tl.sigmoid(a)
+    return xh, z, dy * sig * (1.0 + a * (1.0 - sig))
+
+
+@triton.jit
 def _gn_silu_bwd_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, t1_ptr, t2_ptr, mean_ptr, rstd_ptr,
                         dx_ptr, dw_part_ptr, db_part_ptr, dt1_ptr, dt2_ptr,
                         C, n_hw, cpg, stride_n, stride_c, stride_hw,
@@ -112,8 +123,11 @@ def _gn_silu_bwd_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, t1_ptr, t2_ptr, mean_ptr, r
     rstd = tl.load(rstd_ptr + n * G + g)
     gamma = tl.load(w_ptr + ch, mask=c_mask, other=0.0).to(tl.float32)
     beta = tl.load(b_ptr + ch, mask=c_mask, other=0.0).to(tl.float32)
+    # a = z·scale + shift covers every mode: (1, 0) none, (1, e) add, (1 + s, b) scale/shift
+    scale = tl.full([BLOCK_C], 1.0, tl.float32)
+    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
     if MODE == 1:
-        e = tl.load(t1_ptr + n * C + ch, mask=c_mask, other=0.0).to(tl.float32)
+        shift = tl.load(t1_ptr + n * C + ch, mask=c_mask, other=0.0).to(tl.float32)
     if MODE == 2:
         scale = 1.0 + tl.load(t1_ptr + n * C + ch, mask=c_mask, other=0.0).to(tl.float32)
         shift = tl.load(t2_ptr + n * C + ch, mask=c_mask, other=0.0).to(tl.float32)
@@ -124,21 +138,11 @@ def _gn_silu_bwd_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, t1_ptr, t2_ptr, mean_ptr, r
     for hw0 in range(0, n_hw, BLOCK_HW):
         offs, mask, x = _tile(x_ptr, base, hw0, n_hw, c_offs, cpg, stride_c, stride_hw, BLOCK_HW)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        xh = (x - mean) * rstd
-        z = xh * gamma[None, :] + beta[None, :]
-        if MODE == 0:
-            a = z
-        if MODE == 1:
-            a = z + e[None, :]
+        xh, z, da = _silu_input_grad(x, dy, mean, rstd, gamma, beta, scale, shift)
+        da = tl.where(mask, da, 0.0)
+        dz = da * scale[None, :]
         if MODE == 2:
-            a = z * scale[None, :] + shift[None, :]
-        sig = tl.sigmoid(a)
-        da = tl.where(mask, dy * sig * (1.0 + a * (1.0 - sig)), 0.0)
-        if MODE == 2:
-            dz = da * scale[None, :]
             sum_da_z += da * z
-        else:
-            dz = da
         sum_da += da
         sum_dz_xh += dz * xh
         sum_dz += dz
@@ -157,18 +161,8 @@ def _gn_silu_bwd_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, t1_ptr, t2_ptr, mean_ptr, r
     for hw0 in range(0, n_hw, BLOCK_HW):
         offs, mask, x = _tile(x_ptr, base, hw0, n_hw, c_offs, cpg, stride_c, stride_hw, BLOCK_HW)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        xh = (x - mean) * rstd
-        z = xh * gamma[None, :] + beta[None, :]
-        if MODE == 0:
-            a = z
-        if MODE == 1:
-            a = z + e[None, :]
-        if MODE == 2:
-            a = z * scale[None, :] + shift[None, :]
-        sig = tl.sigmoid(a)
-        dz = dy * sig * (1.0 + a * (1.0 - sig))
-        if MODE == 2:
-            dz = dz * scale[None, :]
+        xh, _z, da = _silu_input_grad(x, dy, mean, rstd, gamma, beta, scale, shift)
+        dz = da * scale[None, :]
         dx = rstd * (dz * gamma[None, :] - c1 - xh * c2)
         tl.store(dx_ptr + offs, utils.to_output_dtype(dx, dx_ptr, BF16_RNE_BY_BITS), mask=mask)
 
