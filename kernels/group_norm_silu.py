@@ -52,18 +52,22 @@ def _tile(x_ptr, base, hw0, n_hw, c_offs, cpg, stride_c, stride_hw, BLOCK_HW: tl
 
 
 @triton.jit
+def _group(n_hw, cpg, stride_n, stride_c, BLOCK_C: tl.constexpr):
+    """This program's (sample n, group g): the group count G, its channel offsets and mask, its
+    channels, the offset of its first element, and its element count (forward and backward)."""
+    n = tl.program_id(0)
+    g = tl.program_id(1)
+    c_offs = tl.arange(0, BLOCK_C)
+    base = n.to(tl.int64) * stride_n + (g * cpg).to(tl.int64) * stride_c
+    return n, g, tl.num_programs(1), c_offs, c_offs < cpg, g * cpg + c_offs, base, (n_hw * cpg).to(tl.float32)
+
+
+@triton.jit
 def _gn_silu_fwd_kernel(x_ptr, w_ptr, b_ptr, t1_ptr, t2_ptr, y_ptr, mean_ptr, rstd_ptr,
                         C, n_hw, cpg, stride_n, stride_c, stride_hw, eps,
                         MODE: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
                         BF16_RNE_BY_BITS: tl.constexpr):
-    n = tl.program_id(0)
-    g = tl.program_id(1)
-    G = tl.num_programs(1)
-    c_offs = tl.arange(0, BLOCK_C)
-    c_mask = c_offs < cpg
-    ch = g * cpg + c_offs
-    base = n.to(tl.int64) * stride_n + (g * cpg).to(tl.int64) * stride_c
-    count = (n_hw * cpg).to(tl.float32)
+    n, g, G, c_offs, c_mask, ch, base, count = _group(n_hw, cpg, stride_n, stride_c, BLOCK_C)
     acc = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
     for hw0 in range(0, n_hw, BLOCK_HW):
         _offs, _mask, x = _tile(x_ptr, base, hw0, n_hw, c_offs, cpg, stride_c, stride_hw, BLOCK_HW)
@@ -111,14 +115,7 @@ def _gn_silu_bwd_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, t1_ptr, t2_ptr, mean_ptr, r
                         C, n_hw, cpg, stride_n, stride_c, stride_hw,
                         MODE: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
                         BF16_RNE_BY_BITS: tl.constexpr):
-    n = tl.program_id(0)
-    g = tl.program_id(1)
-    G = tl.num_programs(1)
-    c_offs = tl.arange(0, BLOCK_C)
-    c_mask = c_offs < cpg
-    ch = g * cpg + c_offs
-    base = n.to(tl.int64) * stride_n + (g * cpg).to(tl.int64) * stride_c
-    count = (n_hw * cpg).to(tl.float32)
+    n, g, G, c_offs, c_mask, ch, base, count = _group(n_hw, cpg, stride_n, stride_c, BLOCK_C)
     mean = tl.load(mean_ptr + n * G + g)
     rstd = tl.load(rstd_ptr + n * G + g)
     gamma = tl.load(w_ptr + ch, mask=c_mask, other=0.0).to(tl.float32)
