@@ -33,6 +33,8 @@ NEGATIVES = ("pixel_shuffle", "patch_shuffle", "noise")   # structure-destroyed 
 ATTENTION = ("auto", "xformers", "sdpa", "math")          # DriftUNet's attention backends
 TIME_INJECTIONS = ("add", "scale_shift")                  # how DriftUNet's blocks take t
 TIME_INPUTS = ("channel", "film")                         # how PotentialNet takes t
+ADAMW_IMPLS = ("auto", "for_loop", "foreach", "fused")   # optim.impl: torch AdamW's implementations
+COMPILE_MODES = ("off", "nets", "step")                   # train.compile: none | both nets | the whole AGM iteration
 FUSED_NORMS = ("off", "triton", "auto")                   # DriftUNet's GroupNorm + SiLU: modules | Triton kernel | triton on CUDA
 
 

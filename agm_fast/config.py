@@ -65,6 +65,8 @@ class ModelConfig:
     time_injection: str = choice("add", checks.TIME_INJECTIONS)  # add (GN(h) + e(t)) | scale_shift (ADM: GN(h)·(1 + s) + b)
     predicts: str = choice("drift", checks.PREDICTS)     # drift | x1 (drift = (x̂1 - x_t)/(1-t), loss on x1)
     fused_norm: str = choice("off", checks.FUSED_NORMS)  # off | triton | auto (fused GroupNorm + SiLU (+ time) kernel; auto = triton on CUDA)
+    channels_last: bool = False        # NHWC activations end to end in the drift U-Net (inputs, convs, norms, attention, loss)
+    checkpointing: bool = False        # recompute the drift U-Net's residual blocks in backward (less activation memory)
 
 
 @dataclass
@@ -103,6 +105,7 @@ class OptimConfig:
     warmup_steps: int = num(200, 0)    # linear LR warm-up
     schedule: str = choice("constant", ("constant", "cosine"))  # constant | cosine (decay to 0 at train.steps)
     grad_clip: float = num(1.0, 0, inf_off=True)  # global grad-norm clip per net (0 = off)
+    impl: str = choice("auto", checks.ADAMW_IMPLS)  # auto | for_loop | foreach | fused (torch AdamW implementation; auto: fused on CUDA, for_loop on CPU)
 
 
 @dataclass
@@ -132,6 +135,8 @@ class TrainConfig:
     max_nonfinite: int = num(10, 0)    # non-finite losses skipped before the run stops
     deterministic: bool = False        # torch deterministic algorithms (exact-resume tests)
     threads: int = num(0, 0, 256)      # torch CPU threads (0 = torch default)
+    compile: str = choice("off", checks.COMPILE_MODES)  # off | nets (torch.compile both nets) | step (the whole AGM iteration)
+    cuda_graph: bool = False           # capture the whole training step as one CUDA graph (CUDA only)
     progress: bool = True              # tqdm progress bar
 
 
