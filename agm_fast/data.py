@@ -21,7 +21,6 @@ import functools
 import hashlib
 import itertools
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +30,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from . import rng
 from .shapes import ShapesDataset, _check_channels, _check_int
 from .config import ConfigError, check_choice
+from .images import IMAGE_EXTENSIONS, scan_image_files, square_pixels
 from .memory import MemoryLoader, decode_threads, host_available_bytes, stored_bytes
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff",
-                    ".ppm", ".pgm", ".pbm", ".pnm")
 
 # Within rng.Stream.DATA the step word separates uses: 0 = flips (keyed by global sample index),
 # shapes.SHAPES_STEP = the shape parameters of ShapesDataset (keyed by dataset index).
@@ -48,8 +45,9 @@ FLIP_STEP = 0
 class ImageFolderDataset(Dataset):
     """Every image file under `path` (recursive, sorted, hidden files skipped).
 
-    Each image is centre-cropped to a square, resized to `resolution` (Lanczos) and converted to
-    RGB (channels=3) or grey (channels=1) → float32 [-1, 1] [C, R, R]. Files Pillow cannot open
+    Each image is converted as `agm-fast prepare` converts it (agm_fast.images.square_pixels: EXIF
+    orientation, transparency on white, centre crop, Lanczos resize to `resolution`, RGB for
+    channels=3 or grey for channels=1) → float32 [-1, 1] [C, R, R]. Files Pillow cannot open
     and verify are skipped at construction; a file that still fails when loaded is replaced by
     the next readable index (deterministic). Both are listed in `skipped` / `load_failures`.
     `max_images` keeps the first readable files in sorted order (quick runs on big folders).
@@ -70,7 +68,7 @@ class ImageFolderDataset(Dataset):
         if not self.path.is_dir():
             raise ValueError(f"data path {str(self.path)!r} is not a directory: expected a "
                              f"folder of images ({kinds})")
-        candidates = _scan_images(self.path)
+        candidates, _ = scan_image_files(self.path)
         if not candidates:
             raise ValueError(f"no image files ({kinds}) found under {str(self.path)!r}")
 
@@ -126,52 +124,15 @@ class ImageFolderDataset(Dataset):
         return torch.stack([self[int(i)] for i in indices.reshape(-1)])
 
     def _pixels(self, file: str) -> np.ndarray:
-        from PIL import Image, ImageOps
+        from PIL import Image
 
-        R = self.resolution
         with Image.open(file) as im:
-            im.seek(0)   # first frame of animated gif/webp
-            im = ImageOps.exif_transpose(im)   # camera photos store their rotation in EXIF
-            im = _to_8bit(im).convert("RGB" if self.channels == 3 else "L")
-            w, h = im.size
-            side = min(w, h)
-            left, top = (w - side) // 2, (h - side) // 2
-            if w != h:   # crop first: resize(box=…) would blend in pixels outside the box
-                im = im.crop((left, top, left + side, top + side))
-            if side != R:
-                im = im.resize((R, R), resample=Image.Resampling.LANCZOS)
-            return np.asarray(im, dtype=np.uint8).copy()
+            return square_pixels(im, self.resolution, self.channels)[0]
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 pixels → float32 in [-1, 1] (x·2/255 − 1): the one normalisation of every loader."""
     return images.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0)
-
-
-def _to_8bit(im):
-    """16/32-bit grey ('I;16', 'I') → 8-bit 'L' by scaling (Pillow's convert would clip)."""
-    from PIL import Image
-
-    if im.mode.startswith("I;16") or im.mode == "I":
-        a = np.asarray(im, dtype=np.float64)
-        return Image.fromarray(np.clip(a / 257.0 + 0.5, 0, 255).astype(np.uint8))
-    if im.mode == "F":
-        a = np.asarray(im, dtype=np.float64)
-        return Image.fromarray(np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    if im.mode in ("P", "PA") or "transparency" in im.info:
-        return im.convert("RGBA")
-    return im
-
-
-def _scan_images(root: Path) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(os.path.join(dirpath, name))
-    # sort on the path relative to the root with "/" separators: same order on every machine
-    return sorted(found, key=lambda f: Path(f).relative_to(root).as_posix())
 
 
 def make_dataset(kind: str, *, path=None, resolution: int, channels: int,

@@ -1,18 +1,26 @@
-"""Image files: [-1, 1] tensors → uint8, PNG grids and .npz arrays, written atomically.
+"""Image files: [-1, 1] tensors → uint8, PNG grids and .npz arrays, written atomically; and the one
+conversion of a Pillow image into a square uint8 training image (`square_pixels`).
 
 The trainer's sample grids, `agm-fast sample` and the evaluation all write through here, so a
-grid from a run and a grid from the CLI are the same picture of the same tensors.
+grid from a run and a grid from the CLI are the same picture of the same tensors. `agm-fast prepare`
+and the image-folder dataset both read images through `square_pixels`, so a prepared folder and the
+folder it came from give the same pixels.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .files import atomic_write
+
+REDUCING_GAP = 3.0  # JPEG draft + Image.reduce down to ≥ 3× the target, then Lanczos
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff",
+                    ".ppm", ".pgm", ".pbm", ".pnm")   # what a training folder and `prepare` read
 
 
 def check_output_path(path, suffix: str) -> None:
@@ -83,3 +91,58 @@ def save_npz(images: torch.Tensor, path) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a bare name
             np.savez(f, arr_0=arr)
     atomic_write(path, write)
+
+
+def scan_image_files(root) -> tuple[list[str], int]:
+    """Image files under `root` (recursive, symlinks followed once, hidden entries skipped), sorted
+    on their "/"-separated relative paths (the same order on every machine), and the number of
+    other files ignored."""
+    root = Path(root)
+    found, ignored, seen_dirs = [], 0, set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:   # a symlink loop, or the same folder linked twice
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.join(dirpath, name))
+            else:
+                ignored += 1
+    return sorted(found, key=lambda f: Path(f).relative_to(root).as_posix()), ignored
+
+
+def square_pixels(im, resolution: int, channels: int) -> tuple[np.ndarray, bool]:
+    """A Pillow image → uint8 [R, R] (channels 1) or [R, R, 3], and whether it was upscaled.
+
+    EXIF orientation applied; 16/32-bit grey scaled to 8 bits (Pillow's convert would clip) and
+    float images taken as [0, 1]; palette, CMYK, 1-bit and grey converted; any transparency
+    composited on white; centre-cropped to a square, then resized with Lanczos (reducing_gap: a
+    big JPEG is decoded at 1/2, 1/4 or 1/8 scale first)."""
+    from PIL import Image, ImageOps
+
+    im.seek(0)   # the first frame of an animated image
+    im.draft(None, (int(resolution * REDUCING_GAP),) * 2)   # JPEG only; keeps ≥ 3× the target
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):   # 16/32-bit grey, float
+        scale = 255.0 if im.mode == "F" else 1 / 257.0
+        a = np.asarray(im, dtype=np.float64) * scale
+        im = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im.convert("RGBA"))
+    im = im.convert("L" if channels == 1 else "RGB")
+
+    width, height = im.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    if width != height:   # crop first: resize(box=…) would blend in pixels outside the box
+        im = im.crop((left, top, left + side, top + side))
+    if side != resolution:
+        im = im.resize((resolution, resolution), Image.Resampling.LANCZOS,
+                       reducing_gap=REDUCING_GAP)
+    return np.asarray(im, dtype=np.uint8).copy(), side < resolution

@@ -33,6 +33,7 @@ import numpy as np
 
 from . import __version__, sources
 from .files import atomic_write_text
+from .images import square_pixels
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,7 @@ INCOMPLETE_MARKER = "INCOMPLETE"       # present while a prepare writes into the
 IMAGE_NAME_RE = re.compile(r"^[0-9]+\.png$")
 MIN_NAME_DIGITS = 6
 
-DECODER_FORMATS = ("JPEG", "PNG", "WEBP")   # what Pillow may decode (by content, not name)
-REDUCING_GAP = 3.0     # JPEG draft + Image.reduce down to ≥ 3× the target, then Lanczos
+DECODER_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")   # Pillow decoders of images.IMAGE_EXTENSIONS (by content, not name)
 PARALLEL_FROM = 1000   # workers=None: convert on threads from this many images on
 
 
@@ -180,43 +180,13 @@ def convert_job(job, resolution: int, channels: int):
             with Image.open(file, formats=DECODER_FORMATS) as im:
                 pixels, upscaled = square_pixels(im, resolution, channels)
     except Image.UnidentifiedImageError:
-        return label, None, None, False, "not a JPEG, PNG or WebP image (unrecognised content)"
+        return label, None, None, False, "not a PNG, JPEG, WebP, BMP, GIF, TIFF or PNM image (unrecognised content)"
     except Exception as e:  # Pillow raises many types for corrupt data; all mean "skip this file"
         message = str(e).replace(str(payload), "<file>") if isinstance(payload, str) else str(e)
         return label, None, None, False, f"cannot decode: {type(e).__name__}: {message}"
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return label, buffer.getvalue(), hashlib.sha256(pixels.tobytes()).digest(), upscaled, None
-
-
-def square_pixels(im, resolution: int, channels: int) -> tuple[np.ndarray, bool]:
-    """A Pillow image → uint8 [R, R] (channels 1) or [R, R, 3], and whether it was upscaled.
-
-    EXIF orientation applied; 16-bit grey scaled to 8 bits; palette, CMYK, 1-bit and grey
-    converted; any transparency composited on white; centre-cropped to a square, then resized
-    with Lanczos (reducing_gap: a big JPEG is decoded at 1/2, 1/4 or 1/8 scale first)."""
-    from PIL import Image, ImageOps
-
-    im.seek(0)   # the first frame of an animated image
-    im.draft(None, (int(resolution * REDUCING_GAP),) * 2)   # JPEG only; keeps ≥ 3× the target
-    im = ImageOps.exif_transpose(im)
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):   # 16-bit grey PNG
-        grey16 = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray(np.clip(grey16 / 257.0 + 0.5, 0, 255).astype(np.uint8))
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, im.convert("RGBA"))
-    im = im.convert("L" if channels == 1 else "RGB")
-
-    width, height = im.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    if width != height:   # crop first: resize(box=…) would blend in pixels outside the box
-        im = im.crop((left, top, left + side, top + side))
-    if side != resolution:
-        im = im.resize((resolution, resolution), Image.Resampling.LANCZOS,
-                       reducing_gap=REDUCING_GAP)
-    return np.asarray(im, dtype=np.uint8).copy(), side < resolution
 
 
 # ----------------------------------------------------------------------------- the output folder
@@ -300,7 +270,7 @@ def load_prepared(folder, verify: bool = True) -> tuple[np.ndarray, dict]:
 
 def add_arguments(parser) -> None:
     """The `agm-fast prepare` arguments, on an argparse (sub)parser."""
-    parser.add_argument("source", help="an image folder (recursive: jpg, jpeg, png, webp), "
+    parser.add_argument("source", help="an image folder (recursive: png, jpg, webp, gif, tiff, bmp, pnm…), "
                                        "'fashion-mnist' or 'emoji' (a folder named so: ./emoji)")
     parser.add_argument("--out", required=True, help="the folder to write (PNGs + manifest.json)")
     parser.add_argument("--resolution", type=int, required=True, help="output side in pixels")

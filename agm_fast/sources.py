@@ -1,6 +1,6 @@
 """The sources `agm-fast prepare` reads, each turned into a plan of conversion jobs.
 
-  * plan_folder: an image folder, recursive (jpg, jpeg, png, webp), in sorted "/"-separated
+  * plan_folder: an image folder, recursive (agm_fast.images.IMAGE_EXTENSIONS), in sorted "/"-separated
     relative-path order, so the same on every machine.
   * plan_fashion_mnist: the standard idx files (train, then t10k), by default from the folder the
     Debian package dataset-fashion-mnist installs (found with `dpkg -L`).
@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .images import IMAGE_EXTENSIONS, scan_image_files
+
 log = logging.getLogger(__name__)
 
-FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz")
 FASHION_MNIST_DEBIAN_PACKAGE = "dataset-fashion-mnist"
 
@@ -45,7 +46,7 @@ NPM_TIMEOUT_S = 900
 
 def plan_folder(source, out_dir) -> dict:
     root = Path(source)
-    kinds = "/".join(e[1:] for e in FOLDER_EXTENSIONS)
+    kinds = "/".join(e[1:] for e in IMAGE_EXTENSIONS)
     if not root.exists():
         raise ValueError(f"source folder {str(root)!r} does not exist (give an image folder, "
                          f"'fashion-mnist' or 'emoji')")
@@ -56,25 +57,10 @@ def plan_folder(source, out_dir) -> dict:
         raise ValueError(f"--out {str(out_dir)!r} must lie outside the source folder "
                          f"{str(root)!r} and must not contain it")
 
-    files, ignored, seen_dirs = [], 0, set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen_dirs:   # a symlink loop, or the same folder linked twice
-            dirnames[:] = []
-            continue
-        seen_dirs.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            if name.lower().endswith(FOLDER_EXTENSIONS):
-                files.append(os.path.join(dirpath, name))
-            else:
-                ignored += 1
+    files, ignored = scan_image_files(root)
     if not files:
         raise ValueError(f"no image files ({kinds}) found under {str(root)!r}")
     relative = {f: Path(f).relative_to(root).as_posix() for f in files}
-    files.sort(key=relative.get)   # sorted on "/"-separated relative paths: same on every machine
     return {
         "source": {"kind": "folder", "path": str(root_real), "image_files": len(files),
                    "other_files_ignored": ignored},

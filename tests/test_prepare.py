@@ -85,7 +85,7 @@ def test_folder_converts_good_files_and_lists_bad_ones(mixed_folder, tmp_path):
     reasons = {s["file"]: s["reason"] for s in manifest["skipped"]}
     assert set(reasons) == {"f_truncated.png", "g_text.jpg", "h_empty.png"}
     assert "empty" in reasons["h_empty.png"]
-    assert "not a JPEG, PNG or WebP" in reasons["g_text.jpg"]
+    assert "unrecognised content" in reasons["g_text.jpg"]
     assert "cannot decode" in reasons["f_truncated.png"]
     assert all(str(mixed_folder) not in r for r in reasons.values())   # reasons name no paths
     assert sorted(p.name for p in out.iterdir()) == [f"{i:06d}.png" for i in range(5)] + ["manifest.json"]
@@ -151,6 +151,35 @@ def test_modes_are_converted_and_transparency_composited_on_white(tmp_path):
     grey = outputs(tmp_path / "grey")[0][..., 0].astype(int)
     assert (grey[0, :, :2] == 255).all() and (grey[2, :, :2] == 255).all()   # white stays white
     assert (grey[2, :, 2:] == 50).all() and (grey[3] == 192).all()
+
+
+def test_folder_dataset_reads_images_as_prepare_converts_them(tmp_path):
+    """One conversion (agm_fast.images.square_pixels): training on a folder and on its prepared
+    copy sees the same pixels, transparency, 16-bit, float, palette and JPEG included."""
+    from agm_fast.data import ImageFolderDataset
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(5)
+    rgba = rng.integers(0, 256, (10, 14, 4), dtype=np.uint8)   # wide: centre-cropped
+    Image.fromarray(rgba, "RGBA").save(src / "a_rgba.png")
+    Image.fromarray(rng.integers(0, 65536, (9, 9), dtype=np.uint16)).save(src / "b_grey16.png")
+    Image.fromarray(rng.random((12, 8)).astype(np.float32), "F").save(src / "c_float.tiff")
+    palette = Image.fromarray(rng.integers(0, 4, (8, 8), dtype=np.uint8), "P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
+    palette.save(src / "d_palette.png", transparency=0)
+    Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(src / "e_photo.jpg", quality=90)
+    for channels in (1, 3):
+        out = tmp_path / f"out{channels}"
+        manifest = prep.prepare(src, out, resolution=6, channels=channels)
+        assert manifest["count"] == 5 and manifest["skipped"] == []
+        prepared = outputs(out)[0]
+        folder = ImageFolderDataset(src, resolution=6, channels=channels)
+        assert len(folder) == 5
+        for i, expected in enumerate(prepared):
+            got = folder.load_uint8(i).numpy()
+            got = got.transpose(1, 2, 0)   # [C, R, R] → [R, R, C] as prepared
+            np.testing.assert_array_equal(got, expected, err_msg=f"{folder.files[i]}, channels={channels}")
 
 
 def test_centre_crop_keeps_the_middle(tmp_path):
