@@ -90,18 +90,24 @@ def resolve(switch: str, requested: str, device: torch.device) -> tuple[str, str
 # ----------------------------------------------------------------------------- bridge ops
 
 def bridge_sample(impl: str, x1, t, *, seed, step, sample_index, sigma):
-    """x_t for the batch; x0 and ε keyed by (seed, step, sample_index)."""
+    """x_t for the batch; x0 and ε keyed by (seed, step, sample_index) and each element's logical
+    index, so NCHW and channels_last x1 give the same values; x_t has x1's layout (either)."""
     if impl == "triton":
         from agm_fast import kernels
         # validate=False: the trainer draws t itself, and the check costs a device sync per call
         return kernels.bridge_sample(x1, t, seed=seed, step=step, sample_index=sample_index, sigma=sigma,
                                      validate=False)
     x0, eps = bridge.draw_bridge_noise(seed, step, sample_index, x1.shape, x1.device)
-    return bridge.bridge_sample(x1.float(), t, x0, eps, sigma).to(x1.dtype)
+    x_t = bridge.bridge_sample(x1.float(), t, x0, eps, sigma).to(x1.dtype)
+    # x1's layout, as the triton path returns (the noise is NCHW, which the elementwise ops follow)
+    if x1.dim() == 4 and not x1.is_contiguous() and x1.is_contiguous(memory_format=torch.channels_last):
+        return x_t.contiguous(memory_format=torch.channels_last)
+    return x_t
 
 
 def weighted_bridge_loss(impl: str, pred, x1, t, v, **kw) -> bridge.LossOutput:
-    """The AGM drift loss (paper Eq. 13) of one chunk; see bridge.weighted_bridge_loss."""
+    """The AGM drift loss (paper Eq. 13) of one chunk; see bridge.weighted_bridge_loss. pred and x1
+    may be NCHW or channels_last: the same values either way."""
     if impl == "triton":
         from agm_fast import kernels
         return bridge.LossOutput(*kernels.weighted_bridge_loss(pred, x1, t, v, validate=False, **kw))

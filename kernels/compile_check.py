@@ -29,23 +29,30 @@ SEED_TYPES = (("i32", "i32", "i32"), ("u32", "u32", "u32"))  # seed_lo, seed_hi,
 def _variants() -> list[tuple[str, str, dict, dict, int]]:
     """(module, kernel, signature, constexprs, num_warps) for each launch the wrappers make on CUDA."""
     out = []
+
+    def bridge(dt, seeds, channels_last=False):
+        const = {"CHANNELS_LAST": channels_last, "BLOCK": 1024, "BF16_RNE_BY_BITS": False}
+        return ("bridge_sample", "_bridge_sample_kernel",
+                {"x1_ptr": f"*{dt}", "t_ptr": "*fp32", "sample_index_ptr": "*i64", "xt_ptr": f"*{dt}",
+                 "n_per_sample": "i32", "n_channels": "i32", "n_hw": "i32", "seed_lo": seeds[0],
+                 "seed_hi": seeds[1], "step": seeds[2], "sigma": "fp32", **{k: "constexpr" for k in const}},
+                const, 4)
+
     for dt in DTYPES:
-        for seed_lo, seed_hi, step in SEED_TYPES:
-            out.append(("bridge_sample", "_bridge_sample_kernel",
-                        {"x1_ptr": f"*{dt}", "t_ptr": "*fp32", "sample_index_ptr": "*i64", "xt_ptr": f"*{dt}",
-                         "n_per_sample": "i32", "seed_lo": seed_lo, "seed_hi": seed_hi, "step": step,
-                         "sigma": "fp32", "BLOCK": "constexpr", "BF16_RNE_BY_BITS": "constexpr"},
-                        {"BLOCK": 1024, "BF16_RNE_BY_BITS": False}, 4))
+        for seeds in SEED_TYPES:
+            out.append(bridge(dt, seeds))
+        out.append(bridge(dt, SEED_TYPES[1], channels_last=True))  # NHWC x1 (model.channels_last)
 
     def loss(pred, x1, drift=True, softmax=True, sign=-1.0, write_grad=True, block_v=16, seeds=SEED_TYPES[1],
-             t_bins=False, block_k=16):
+             t_bins=False, block_k=16, channels_last=False):
         sig = {"pred_ptr": f"*{pred}", "x1_ptr": f"*{x1}", "t_ptr": "*fp32", "v_ptr": "*fp32", "t_all_ptr": "*fp32",
                "sample_index_ptr": "*i64", "grad_ptr": f"*{pred}" if write_grad else "*fp32",
-               "partial_ptr": "*fp32", "weight_ptr": "*fp32", "n_per_sample": "i32", "n_v": "i32",
-               "v_offset": "i32", "n_bins": "i32", "seed_lo": seeds[0], "seed_hi": seeds[1], "step": seeds[2],
-               "sigma": "fp32", "tau": "fp32", "clip": "fp32", "grad_scale": "fp32"}
+               "partial_ptr": "*fp32", "weight_ptr": "*fp32", "n_per_sample": "i32", "n_channels": "i32",
+               "n_hw": "i32", "n_v": "i32", "v_offset": "i32", "n_bins": "i32", "seed_lo": seeds[0],
+               "seed_hi": seeds[1], "step": seeds[2], "sigma": "fp32", "tau": "fp32", "clip": "fp32",
+               "grad_scale": "fp32"}
         # T_BLOCK_I/J: the wrapper's tiles of the t_bins ranking on CUDA
-        const = {"DRIFT_TARGET": drift, "SOFTMAX": softmax, "SIGN": sign, "WRITE_GRAD": write_grad,
+        const = {"CHANNELS_LAST": channels_last, "DRIFT_TARGET": drift, "SOFTMAX": softmax, "SIGN": sign, "WRITE_GRAD": write_grad,
                  "T_BINS": t_bins, "BLOCK": 1024, "BLOCK_V": block_v, "BLOCK_K": block_k,
                  "T_BLOCK_I": 16, "T_BLOCK_J": 64, "BF16_RNE_BY_BITS": False}
         sig.update({k: "constexpr" for k in const})
@@ -58,6 +65,11 @@ def _variants() -> list[tuple[str, str, dict, dict, int]]:
                   dict(block_v=1024), dict(seeds=SEED_TYPES[0]), dict(drift=False, softmax=False, write_grad=False),
                   dict(t_bins=True), dict(t_bins=True, sign=1.0, write_grad=False), dict(t_bins=True, block_k=1024)):
         out.append(loss("bf16", "fp32", **flags))
+    # NHWC pred/x1/gradient (model.channels_last): the bf16 trainer's pairs, then the flags
+    for pred, x1 in (("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32"), ("fp16", "fp16")):
+        out.append(loss(pred, x1, channels_last=True))
+    for flags in (dict(drift=False), dict(softmax=False), dict(write_grad=False), dict(t_bins=True)):
+        out.append(loss("bf16", "bf16", channels_last=True, **flags))
     out.append(("weighted_bridge_loss", "_finalize_kernel",
                 {"partial_ptr": "*fp32", "weight_ptr": "*fp32", "per_sample_ptr": "*fp32", "loss_ptr": "*fp32",
                  "n_rows": "i32", "num_k": "i32", "n_per_sample_f": "fp32", "normalizer": "fp32",

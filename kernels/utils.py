@@ -1,7 +1,8 @@
 """Launch helpers and argument checks shared by the Triton kernels (Liger-Kernel's ops/utils.py).
 
 Owns what every kernel wrapper needs besides its own kernels: whether Triton runs in its CPU
-interpreter, the launch layout (block size, programs per sample), the bf16 output rounding
+interpreter, the launch layout (block size, programs per sample), the NCHW or NHWC
+(channels_last) addressing of a sample walked in logical order, the bf16 output rounding
 under the interpreter, and the tensor checks of the wrappers' public entry points (batch
 layout, no grad on data, one device, t). The checks of scalars, sample indices and storage
 dtypes shared with the rest of the ops are agm_fast.checks. The wrappers run both before any
@@ -36,6 +37,37 @@ def launch_config(device: torch.device, n_per_sample: int, interpreted: bool) ->
         return block, 1
     block = 1024
     return block, triton.cdiv(n_per_sample, block)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether x is a dense NHWC (torch.channels_last) 4-D tensor that is not also NCHW-contiguous
+    (C = 1 or H = W = 1 are both: those take the NCHW path, whose addresses are the same)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def dense(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """x itself when it is dense in the layout a kernel addresses (NHWC or NCHW), else a copy into it."""
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def layout_args(x: torch.Tensor, channels_last: bool) -> tuple[int, int]:
+    """(C, H·W) for sample_offsets: the NHWC map's sizes; (1, n) on the NCHW path, which ignores them."""
+    n = x[0].numel()
+    return (x.shape[1], n // x.shape[1]) if channels_last else (1, n)
+
+
+@triton.jit
+def sample_offsets(offs, n_channels, n_hw, CHANNELS_LAST: tl.constexpr):
+    """Memory offsets within one sample of the logical (NCHW) element indices offs.
+
+    The kernels walk a sample in logical order, so the Philox noise of element e = c·H·W + h·W + w
+    is the same whatever the layout (and every output of each draw is still used, docs/design.md §8);
+    in NHWC, element e lives at (h·W + w)·C + c. NCHW: offs itself (the code is unchanged)."""
+    if CHANNELS_LAST:
+        c = offs // n_hw
+        return (offs - c * n_hw) * n_channels + c
+    else:
+        return offs
 
 
 def bf16_rne_by_bits(out: torch.Tensor, interpreted: bool) -> bool:

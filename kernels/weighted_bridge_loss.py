@@ -20,7 +20,10 @@ looping over one big block under the interpreter):
   * x0 (Stream.X0) and ε (Stream.EPS) regenerated in-kernel, u_t = x1 - x0 - σ·sqrt(t/(1-t))·ε
     (predicts=drift) or the target x1 (predicts=x1, no noise drawn);
   * the squared error summed into one fp32 partial per program, and d loss / d pred =
-    2·w_b·(pred - target) / (n·normalizer) written in pred's dtype in the same pass.
+    2·w_b·(pred - target) / (n·normalizer) written in pred's dtype in the same pass;
+  * NCHW or NHWC (channels_last, constexpr CHANNELS_LAST) pred, x1 and gradient: a sample is
+    walked in logical NCHW order and only the addresses follow the layout
+    (utils.sample_offsets), so the noise, sums and gradient are the NCHW path's bit for bit.
 Kernel 2, one tiny program: per-sample means from the partials (a fixed order, so the result
 is deterministic: no atomics), and loss = Σ_b w_b·mean_b / normalizer.
 
@@ -197,10 +200,10 @@ def importance_weight_t_bins(v_ptr, t_ptr, n_v, n_bins, j, tau, clip, SIGN: tl.c
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "n_v", "v_offset", "n_bins"])
 def _weighted_bridge_loss_kernel(pred_ptr, x1_ptr, t_ptr, v_ptr, t_all_ptr, sample_index_ptr,
                                  grad_ptr, partial_ptr, weight_ptr,
-                                 n_per_sample, n_v, v_offset, n_bins, seed_lo, seed_hi, step,
-                                 sigma, tau, clip, grad_scale,
-                                 DRIFT_TARGET: tl.constexpr, SOFTMAX: tl.constexpr,
-                                 SIGN: tl.constexpr, WRITE_GRAD: tl.constexpr, T_BINS: tl.constexpr,
+                                 n_per_sample, n_channels, n_hw, n_v, v_offset, n_bins,
+                                 seed_lo, seed_hi, step, sigma, tau, clip, grad_scale,
+                                 CHANNELS_LAST: tl.constexpr, DRIFT_TARGET: tl.constexpr,
+                                 SOFTMAX: tl.constexpr, SIGN: tl.constexpr, WRITE_GRAD: tl.constexpr, T_BINS: tl.constexpr,
                                  BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                                  T_BLOCK_I: tl.constexpr, T_BLOCK_J: tl.constexpr,
                                  BF16_RNE_BY_BITS: tl.constexpr):
@@ -226,8 +229,9 @@ def _weighted_bridge_loss_kernel(pred_ptr, x1_ptr, t_ptr, v_ptr, t_all_ptr, samp
     for start in range(pid_k * BLOCK, n_per_sample, num_k * BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n_per_sample
-        pred = tl.load(pred_ptr + row + offs, mask=mask, other=0.0).to(tl.float32)
-        target = tl.load(x1_ptr + row + offs, mask=mask, other=0.0).to(tl.float32)
+        mem = utils.sample_offsets(offs, n_channels, n_hw, CHANNELS_LAST)
+        pred = tl.load(pred_ptr + row + mem, mask=mask, other=0.0).to(tl.float32)
+        target = tl.load(x1_ptr + row + mem, mask=mask, other=0.0).to(tl.float32)
         if DRIFT_TARGET:
             x0 = philox.normal_block(start // 4, sample, step_u32, philox.STREAM_X0, k0, k1, BLOCK)
             eps = philox.normal_block(start // 4, sample, step_u32, philox.STREAM_EPS, k0, k1, BLOCK)
@@ -236,7 +240,7 @@ def _weighted_bridge_loss_kernel(pred_ptr, x1_ptr, t_ptr, v_ptr, t_all_ptr, samp
         acc += diff * diff
         if WRITE_GRAD:
             grad = utils.to_output_dtype(elem_grad_scale * diff, grad_ptr, BF16_RNE_BY_BITS)
-            tl.store(grad_ptr + row + offs, grad, mask=mask)
+            tl.store(grad_ptr + row + mem, grad, mask=mask)
     tl.store(partial_ptr + b * num_k + pid_k, tl.sum(acc, axis=0))
 
 
@@ -274,8 +278,8 @@ def _t_bin_tiles(n_v: int, interpreted: bool) -> tuple[int, int]:
     return 16, 64
 
 
-def _launch(pred, x1c, t32, v32, t_all32, idx, *, n, seed_lo, seed_hi, step, sigma, predicts, scheme,
-            favour, tau, clip, v_offset, normalizer, n_bins, write_grad):
+def _launch(pred, x1c, t32, v32, t_all32, idx, *, n, channels_last, seed_lo, seed_hi, step, sigma, predicts,
+            scheme, favour, tau, clip, v_offset, normalizer, n_bins, write_grad):
     """Run both kernels; returns (loss [], per_sample [B], weights [B], grad like pred or None)."""
     b = pred.shape[0]
     device = pred.device
@@ -287,15 +291,16 @@ def _launch(pred, x1c, t32, v32, t_all32, idx, *, n, seed_lo, seed_hi, step, sig
     weights = workspace[1: 1 + b]
     per_sample = workspace[1 + b: 1 + 2 * b]
     partial = workspace[1 + 2 * b:]
-    grad = torch.empty_like(pred) if write_grad else partial  # an unused pointer when not writing
+    grad = torch.empty_like(pred) if write_grad else partial  # pred's strides; unused when not writing
+    n_channels, n_hw = utils.layout_args(pred, channels_last)
     n_v = v32.numel()
     # t_bins with K ≥ len(V) puts every sample alone in its bin: s ≡ 0, so w ≡ 1 (no ranking needed)
     t_bins = t_all32 is not None and 1 < n_bins < n_v
     t_block_i, t_block_j = _t_bin_tiles(n_v, interpreted)
     _weighted_bridge_loss_kernel[(num_k, b)](
         pred, x1c, t32, v32, t_all32 if t_bins else v32, idx, grad, partial, weights,
-        n, n_v, v_offset, n_bins if t_bins else 1, seed_lo, seed_hi, step,
-        sigma, tau, clip, 2.0 / (n * normalizer),
+        n, n_channels, n_hw, n_v, v_offset, n_bins if t_bins else 1, seed_lo, seed_hi, step,
+        sigma, tau, clip, 2.0 / (n * normalizer), CHANNELS_LAST=channels_last,
         DRIFT_TARGET=predicts == "drift",
         SOFTMAX=scheme == "softmax" and not (t_all32 is not None and n_bins >= n_v),
         SIGN=-1.0 if favour == "coherent" else 1.0, WRITE_GRAD=write_grad, T_BINS=t_bins,
@@ -345,8 +350,10 @@ def weighted_bridge_loss(pred: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, 
     sample indices (int64 tensor, ideally already on pred's device). clip = float('inf') turns
     clipping off. normalizer defaults to B. validate=False skips the value check of t (one host
     sync on CUDA) for t the caller drew itself. Returns (loss, per_sample, weights): loss
-    differentiable w.r.t. pred, per_sample and weights fp32 and detached. Non-contiguous inputs
-    are copied to contiguous ones here. normalise=t_bins standardises V within t-quantile bins
+    differentiable w.r.t. pred, per_sample and weights fp32 and detached. pred may be NCHW or
+    channels_last (NHWC): the kernel addresses that layout, x1 is brought into it (no copy when
+    it already is), d loss/d pred has it, and every value equals the NCHW one bit for bit (the
+    noise is keyed by the logical element index). Other layouts are copied to NCHW here. normalise=t_bins standardises V within t-quantile bins
     (t_bins = K of them) of the whole optimiser batch, whose t t_all holds in v's order (as many
     values as v); normalise=batch (the default) ignores t_all and t_bins.
     """
@@ -394,12 +401,14 @@ def weighted_bridge_loss(pred: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, 
     utils.check_device(device, utils.is_interpreted(_weighted_bridge_loss_kernel), **on_device)
     idx = checks.sample_index(sample_index, b, device)
     v32 = v.detach().reshape(-1).to(torch.float32).contiguous()
-    x1c = x1.detach().contiguous()
-    params = dict(n=n, seed_lo=seed_lo, seed_hi=seed_hi, step=step, sigma=sigma,
-                  predicts=predicts, scheme=scheme, favour=favour, tau=tau, clip=clip,
+    channels_last = utils.is_channels_last(pred)  # the layout follows pred, so its gradient has it
+    x1c = utils.dense(x1.detach(), channels_last)
+    params = dict(n=n, channels_last=channels_last, seed_lo=seed_lo, seed_hi=seed_hi, step=step,
+                  sigma=sigma, predicts=predicts, scheme=scheme, favour=favour, tau=tau, clip=clip,
                   v_offset=v_offset, normalizer=normalizer, n_bins=t_bins)
     if pred.requires_grad and torch.is_grad_enabled():
-        return WeightedBridgeLossFunction.apply(pred.contiguous(), x1c, t32, v32, t_all32, idx, params)
-    loss, per_sample, weights, _ = _launch(pred.detach().contiguous(), x1c, t32, v32, t_all32, idx,
-                                           write_grad=False, **params)
+        return WeightedBridgeLossFunction.apply(utils.dense(pred, channels_last), x1c, t32, v32, t_all32, idx,
+                                                params)
+    loss, per_sample, weights, _ = _launch(utils.dense(pred.detach(), channels_last), x1c, t32, v32, t_all32,
+                                           idx, write_grad=False, **params)
     return loss, per_sample, weights
