@@ -66,11 +66,14 @@ def assert_same(name, a, b):
 
 
 def fused_loss(pred, x1, t, v, idx, **kw):
-    """(loss, per_sample, weights, grad) of the fused loss, pred a fresh leaf in the given layout."""
+    """(loss, per_sample, weights, grad) of the fused loss, pred a fresh leaf in the given layout.
+
+    autograd.grad, not .backward(): a leaf's .grad is restrided to the leaf's layout on
+    accumulation, which would hide the layout the kernel wrote."""
     p = pred.detach().clone(memory_format=torch.preserve_format).requires_grad_()
     loss, per_sample, weights = K.weighted_bridge_loss(p, x1, t, v, seed=SEED, step=STEP, sample_index=idx, **kw)
-    loss.backward()
-    return loss, per_sample, weights, p.grad
+    (grad,) = torch.autograd.grad(loss, p)
+    return loss, per_sample, weights, grad
 
 
 # ----------------------------------------------------------------------------- bridge sampling
