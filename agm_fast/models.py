@@ -24,6 +24,17 @@ parameters, so a state dict loads either way); 'auto' is triton on a CUDA device
 natively, the modules elsewhere. Resolved per device on the first forward (`resolve_fused_norm`, which
 agm_fast.dispatch also answers for `agm-fast info`), logged once, kept in `net.norm_impl`.
 
+Memory layout and recomputation (`net.set_fast_paths(channels_last=, checkpointing=)`, the config's
+model.channels_last and model.checkpointing; docs/design.md §3): execution settings of a built net,
+not architecture. They are kept out of `net.arch` and change no parameter, so a checkpoint written
+with any setting loads and resumes with any other. channels_last converts the input to NHWC once;
+convs, GroupNorm (modules or kernel), the time terms, dropout, concatenation, up/down-sampling and
+the zero pad keep NHWC, attention reads its tokens as views of the NHWC memory, and the output is
+NHWC. The parameters stay in their default layout (the convolutions take NHWC from the input), so
+gradients, optimiser states, EMA and checkpoint tensors are the same either way. checkpointing
+recomputes each ResBlock (with its attention) in the backward when training with grad enabled
+(torch.utils.checkpoint, non-reentrant, RNG state restored: dropout draws the same mask twice).
+
 Every network keeps its constructor arguments in `net.arch` (plain JSON values), so a checkpoint
 rebuilds it with `type(net)(**net.arch)`.
 """
@@ -36,6 +47,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from . import checks
 
@@ -195,6 +207,18 @@ def resolve_fused_norm(requested: str, device) -> tuple[str, str]:
     return "torch", f"auto: {why}" if not ok else f"auto: the modules on {device.type} (triton only chosen on CUDA)"
 
 
+def _is_nhwc(x: torch.Tensor) -> bool:
+    """Whether x's memory is NHWC (channels_last and not also NCHW-contiguous, as 1×1 maps are)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """norm(x) in x's memory layout. CUDA's GroupNorm writes NCHW even for NHWC input: one copy back
+    there (model.fused_norm=triton avoids it in the ResBlocks); a no-op where NHWC is kept (CPU)."""
+    y = norm(x)
+    return y.contiguous(memory_format=torch.channels_last) if _is_nhwc(x) else y
+
+
 def norm_silu(norm: nn.GroupNorm, x: torch.Tensor, impl: str, *, e=None, scale=None, shift=None) -> torch.Tensor:
     """SiLU(norm(x) [+ e | ·(1 + scale) + shift]) with e, scale, shift [B, C, 1, 1]: the modules, or the kernel."""
     if impl == "triton":
@@ -202,7 +226,7 @@ def norm_silu(norm: nn.GroupNorm, x: torch.Tensor, impl: str, *, e=None, scale=N
         mode = "add" if e is not None else "scale_shift" if scale is not None else "none"
         return kernels.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, eps=norm.eps, mode=mode,
                                        e=e, scale=scale, shift=shift)
-    h = norm(x)
+    h = group_norm(norm, x)
     if e is not None:  # add after the norm: DDPM adds before it, which GroupNorm cancels when a group is one channel
         h = h + e
     elif scale is not None:  # ADM: norm(h)·(1 + scale) + shift
@@ -224,10 +248,17 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
-        q, k, v = qkv.transpose(-2, -1).unbind(1)  # each [B, heads, N, d]
-        out = attention(q, k, v, backend)
-        return x + self.proj(out.transpose(-2, -1).reshape(B, C, H, W))
+        heads, d = self.num_heads, C // self.num_heads
+        qkv = self.qkv(group_norm(self.norm, x))
+        if _is_nhwc(qkv):  # memory [B, H, W, 3C]: the tokens are a view, no NCHW transpose; unbinding
+            # dim 2 makes the backward's stack of dq, dk, dv write that same memory order (no copy)
+            q, k, v = (a.transpose(1, 2) for a in qkv.permute(0, 2, 3, 1).reshape(B, H * W, 3, heads, d).unbind(2))
+            out = attention(q, k, v, backend).transpose(1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)
+        else:  # memory [B, 3C, H, W]
+            q, k, v = qkv.reshape(B, 3, heads, d, H * W).transpose(-2, -1).unbind(1)  # each [B, heads, N, d]
+            out = attention(q, k, v, backend).transpose(-2, -1).reshape(B, C, H, W)
+        return x + self.proj(out)
+
 
 
 class ResBlock(nn.Module):
@@ -318,6 +349,8 @@ class DriftUNet(nn.Module):
         self.norm_reason: str | None = None
         self._norm_device: str | None = None
         self.pad_multiple = 2 ** (len(channel_mult) - 1)
+        self.channels_last = False  # execution settings (set_fast_paths), not in arch
+        self.checkpointing = False
         self.attention_backend: str | None = None  # resolved on the first forward / resolve_attention_backend
         self.attention_reason: str | None = None
         self._attention_device: str | None = None
@@ -362,6 +395,15 @@ class DriftUNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # the drift starts at exactly 0
         nn.init.zeros_(self.conv_out.bias)
 
+    def set_fast_paths(self, *, channels_last: bool, checkpointing: bool) -> "DriftUNet":
+        """model.channels_last (NHWC activations) and model.checkpointing (recompute each ResBlock in
+        the backward); returns the net. Neither touches the parameters (see the module docstring)."""
+        for name, value in (("channels_last", channels_last), ("checkpointing", checkpointing)):
+            if not isinstance(value, bool):
+                raise TypeError(f"model.{name} must be true or false; got {value!r}")
+        self.channels_last, self.checkpointing = channels_last, checkpointing
+        return self
+
     def resolve_attention_backend(self, device) -> str:
         """Resolve model.attention for `device` (again only when the device changes), log it, return the backend."""
         device = torch.device(device)
@@ -393,6 +435,8 @@ class DriftUNet(nn.Module):
         t = _check_t(t, x)
         backend = self.resolve_attention_backend(x.device)
         norm_impl = self.resolve_norm_impl(x.device)
+        if self.channels_last:  # the one layout conversion: every op below keeps NHWC
+            x = x.contiguous(memory_format=torch.channels_last)
 
         # pad H, W to a multiple of 2^(levels-1) (zeros, centred) so every downsampling is exact
         H, W = x.shape[-2:]
@@ -402,20 +446,26 @@ class DriftUNet(nn.Module):
 
         first = self.time_mlp[0]  # the sinusoids are computed in fp32; match the weights (bf16 nets)
         emb = self.time_mlp(timestep_embedding(t, first.in_features).to(first.weight.dtype))
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
+
+        def block(module: ResBlock, h: torch.Tensor) -> torch.Tensor:
+            if recompute:  # keep only the block's input; dropout's mask is redrawn from the saved RNG state
+                return torch.utils.checkpoint.checkpoint(module, h, emb, backend, norm_impl, use_reentrant=False)
+            return module(h, emb, backend, norm_impl)
+
         h = self.conv_in(x)
         skips = [h]
         for module in self.enc.values():
-            h = module(h, emb, backend, norm_impl) if isinstance(module, ResBlock) else module(h)
+            h = block(module, h) if isinstance(module, ResBlock) else module(h)
             skips.append(h)
         for module in self.mid:
-            h = module(h, emb, backend, norm_impl)
+            h = block(module, h)
         for module in self.dec.values():
-            if isinstance(module, ResBlock):
-                h = module(torch.cat([h, skips.pop()], dim=1), emb, backend, norm_impl)
-            else:
-                h = module(h)
+            h = block(module, torch.cat([h, skips.pop()], dim=1)) if isinstance(module, ResBlock) else module(h)
         out = self.conv_out(norm_silu(self.norm_out, h, norm_impl))
-        return out[..., ph // 2: ph // 2 + H, pw // 2: pw // 2 + W]
+        out = out[..., ph // 2: ph // 2 + H, pw // 2: pw // 2 + W]
+        # a cropped NHWC view is not channels_last-contiguous; C channels only, so one small copy
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
 
 # ----------------------------------------------------------------------------- potential
