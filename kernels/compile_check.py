@@ -52,8 +52,8 @@ def _variants() -> list[tuple[str, str, dict, dict, int]]:
                "seed_hi": seeds[1], "step": seeds[2], "sigma": "fp32", "tau": "fp32", "clip": "fp32",
                "grad_scale": "fp32"}
         # T_BLOCK_I/J: the wrapper's tiles of the t_bins ranking on CUDA
-        const = {"CHANNELS_LAST": channels_last, "DRIFT_TARGET": drift, "SOFTMAX": softmax, "SIGN": sign, "WRITE_GRAD": write_grad,
-                 "T_BINS": t_bins, "BLOCK": 1024, "BLOCK_V": block_v, "BLOCK_K": block_k,
+        const = {"CHANNELS_LAST": channels_last, "DRIFT_TARGET": drift, "SOFTMAX": softmax, "SIGN": sign,
+                 "WRITE_GRAD": write_grad, "T_BINS": t_bins, "BLOCK": 1024, "BLOCK_V": block_v, "BLOCK_K": block_k,
                  "T_BLOCK_I": 16, "T_BLOCK_J": 64, "BF16_RNE_BY_BITS": False}
         sig.update({k: "constexpr" for k in const})
         return ("weighted_bridge_loss", "_weighted_bridge_loss_kernel", sig, const, 4)

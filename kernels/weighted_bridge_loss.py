@@ -203,7 +203,8 @@ def _weighted_bridge_loss_kernel(pred_ptr, x1_ptr, t_ptr, v_ptr, t_all_ptr, samp
                                  n_per_sample, n_channels, n_hw, n_v, v_offset, n_bins,
                                  seed_lo, seed_hi, step, sigma, tau, clip, grad_scale,
                                  CHANNELS_LAST: tl.constexpr, DRIFT_TARGET: tl.constexpr,
-                                 SOFTMAX: tl.constexpr, SIGN: tl.constexpr, WRITE_GRAD: tl.constexpr, T_BINS: tl.constexpr,
+                                 SOFTMAX: tl.constexpr, SIGN: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                                 T_BINS: tl.constexpr,
                                  BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                                  T_BLOCK_I: tl.constexpr, T_BLOCK_J: tl.constexpr,
                                  BF16_RNE_BY_BITS: tl.constexpr):
@@ -353,9 +354,10 @@ def weighted_bridge_loss(pred: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, 
     differentiable w.r.t. pred, per_sample and weights fp32 and detached. pred may be NCHW or
     channels_last (NHWC): the kernel addresses that layout, x1 is brought into it (no copy when
     it already is), d loss/d pred has it, and every value equals the NCHW one bit for bit (the
-    noise is keyed by the logical element index). Other layouts are copied to NCHW here. normalise=t_bins standardises V within t-quantile bins
-    (t_bins = K of them) of the whole optimiser batch, whose t t_all holds in v's order (as many
-    values as v); normalise=batch (the default) ignores t_all and t_bins.
+    noise is keyed by the logical element index). Other layouts are copied to NCHW here.
+    normalise=t_bins standardises V within t-quantile bins (t_bins = K of them) of the whole
+    optimiser batch, whose t t_all holds in v's order (as many values as v); normalise=batch (the
+    default) ignores t_all and t_bins.
     """
     checks.storage_tensor("pred", pred)
     checks.storage_tensor("x1", x1)

@@ -185,7 +185,8 @@ def test_nhwc_under_the_cuda_launch_layout(monkeypatch, block, programs):
     """Many programs per sample, as on CUDA (tests/test_kernels.py's test_many_programs_per_sample):
     16-element blocks over 3×5×7 samples cross channel boundaries (H·W = 35) mid-block."""
     from agm_fast.kernels import utils
-    monkeypatch.setattr(utils, "launch_config", lambda device, n, interpreted: (block, programs or triton.cdiv(n, block)))
+    monkeypatch.setattr(utils, "launch_config",
+                        lambda device, n, interpreted: (block, programs or triton.cdiv(n, block)))
     check_loss_nhwc(3, 3, 5, 7, torch.float32, "drift", "softmax", "coherent", "batch", seed=5)
     check_loss_nhwc(1, 3, 7, 5, torch.bfloat16, "x1", "softmax", "degenerate", "batch", seed=6)
     x1, _, t, _, idx = inputs(3, 3, 5, 7, torch.bfloat16, seed=7)
