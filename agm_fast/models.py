@@ -31,7 +31,9 @@ with any setting loads and resumes with any other. channels_last converts the in
 convs, GroupNorm (modules or kernel), the time terms, dropout, concatenation, up/down-sampling and
 the zero pad keep NHWC, attention reads its tokens as views of the NHWC memory, and the output is
 NHWC. The parameters stay in their default layout (the convolutions take NHWC from the input), so
-gradients, optimiser states, EMA and checkpoint tensors are the same either way. checkpointing
+gradients, optimiser states, EMA and checkpoint tensors are the same either way (NHWC parameters
+with an optimiser state resumed from NCHW tensors make torch's fused AdamW step wrongly, silently,
+on the CPU; the cost here is a weight-sized copy of each weight gradient). checkpointing
 recomputes each ResBlock (with its attention) in the backward when training with grad enabled
 (torch.utils.checkpoint, non-reentrant, RNG state restored: dropout draws the same mask twice).
 
@@ -258,7 +260,6 @@ class SelfAttention(nn.Module):
             q, k, v = qkv.reshape(B, 3, heads, d, H * W).transpose(-2, -1).unbind(1)  # each [B, heads, N, d]
             out = attention(q, k, v, backend).transpose(-2, -1).reshape(B, C, H, W)
         return x + self.proj(out)
-
 
 
 class ResBlock(nn.Module):
