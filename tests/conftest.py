@@ -6,6 +6,8 @@ AGM_FAST_REQUIRE (set by .ci/run, e.g. ext,triton) turns "not installed" skips i
 """
 
 import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,3 +30,19 @@ def skip_unless_available(component: str, available: bool, why: str) -> None:
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def wait_for_lines(path: Path, n: int, proc, timeout: float = 120) -> None:
+    """Wait until the file `path` (e.g. a run's metrics.jsonl) has n lines while the subprocess
+    `proc` runs; fail with the end of its stderr if it exits first, kill it on a timeout."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr is not None else ""
+            err = err.decode(errors="replace") if isinstance(err, bytes) else err
+            pytest.fail(f"training exited early: {err[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"training made no progress in {timeout:.0f} s ({path} has fewer than {n} lines)")

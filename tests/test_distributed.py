@@ -45,6 +45,7 @@ import agm_fast
 from agm_fast import config, distributed
 from agm_fast.config import ConfigError
 from agm_fast.trainer import Trainer
+from conftest import wait_for_lines
 
 ROOT = Path(agm_fast.__file__).resolve().parent.parent
 TINY = ["data.resolution=16", "data.num_images=32", "model.channels=8", "model.channel_mult=[1,2]",
@@ -333,18 +334,6 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks_with_the_triton_kernels(r
 
 # ----------------------------------------------------------------------------- signals and failures
 
-def _wait_for_rows(run_dir: Path, n: int, proc: subprocess.Popen, timeout=LAUNCH_TIMEOUT):
-    path, t0 = run_dir / "metrics.jsonl", time.time()
-    while time.time() - t0 < timeout:
-        if path.exists() and len(path.read_text().splitlines()) >= n:
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"training exited early: {proc.stderr.read()[-3000:]}")
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail("training made no progress")
-
-
 def _popen(tmp: Path, run_dir: Path, *extra):
     p = probe_dir(tmp)
     return subprocess.Popen(launch_args(p, run_dir, *extra), env=launch_env(p), stdout=subprocess.PIPE,
@@ -359,7 +348,7 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_the_run_resumes_exactly(
     run = tmp_path / "run"
     # 1. SIGTERM to the launcher
     proc = _popen(tmp_path / "p1", run, *steps)
-    _wait_for_rows(run, 4, proc)
+    wait_for_lines(run / "metrics.jsonl", 4, proc, LAUNCH_TIMEOUT)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=LAUNCH_TIMEOUT)
     LAUNCHES.append(("SIGTERM to the launcher", proc.returncode, err))
@@ -372,7 +361,7 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_the_run_resumes_exactly(
                                                        "potential.safetensors", "state.json"]
     # 2. the same command resumes; SIGTERM to rank 1 only
     proc = _popen(tmp_path / "p2", run, *steps)
-    _wait_for_rows(run, len(done) + 4, proc)
+    wait_for_lines(run / "metrics.jsonl", len(done) + 4, proc, LAUNCH_TIMEOUT)
     os.kill(int((tmp_path / "p2" / "pid-1").read_text()), signal.SIGTERM)
     _, err = proc.communicate(timeout=LAUNCH_TIMEOUT)
     LAUNCHES.append(("SIGTERM to rank 1", proc.returncode, err))

@@ -15,6 +15,7 @@ import torch
 from agm_fast import config, dispatch
 from agm_fast.checkpoint import CheckpointError
 from agm_fast.trainer import Trainer, TrainingError
+from conftest import wait_for_lines
 
 TINY = ["data.resolution=16", "data.num_images=32", "model.channels=8", "model.channel_mult=[1,2]",
         "model.attn_resolutions=[8]", "model.num_heads=2", "potential.channels=[4,8,8]",
@@ -126,17 +127,6 @@ def _cli(run_dir, steps, extra=()):
     return args
 
 
-def _wait_for_lines(path: Path, n: int, proc, timeout=120):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if path.exists() and len(path.read_text().splitlines()) >= n:
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"training exited early: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.02)
-    pytest.fail("training made no progress")
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killed_run_resumes_exactly(tmp_path, sig):
     steps = 40
@@ -144,7 +134,7 @@ def test_killed_run_resumes_exactly(tmp_path, sig):
     Trainer(ref).run()
     run = tmp_path / "killed"
     proc = subprocess.Popen(_cli(run, steps), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _wait_for_lines(run / "metrics.jsonl", 12, proc)
+    wait_for_lines(run / "metrics.jsonl", 12, proc)
     proc.send_signal(sig)
     rc = proc.wait(timeout=60)
     if sig == signal.SIGTERM:
@@ -170,7 +160,7 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_saves(tmp_path):
     run = tmp_path / "group"
     proc = subprocess.Popen(_cli(run, 400, ["data.loader=torch", "data.workers=2"]), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
-    _wait_for_lines(run / "metrics.jsonl", 3, proc)
+    wait_for_lines(run / "metrics.jsonl", 3, proc)
     os.killpg(proc.pid, signal.SIGTERM)
     rc = proc.wait(timeout=120)
     err = proc.stderr.read().decode()
