@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, config as config_mod, dispatch, distributed
+from . import checkpoint, config as config_mod, dispatch, distributed, step as step_mod
 from .checkpoint import drift_arch, potential_arch
 from .config import Config, ConfigError
 from .files import atomic_write, atomic_write_text
@@ -91,6 +91,11 @@ class Trainer:
                                   f"{self.device}, sample.em → {em_impl}")
         self.kernels_impl, why = dispatch.resolve("train.kernels", t.kernels, self.device)
         log.info("train.kernels: %s (%s)", self.kernels_impl, why)
+        self.optim_impl, why = step_mod.resolve_adamw_impl(cfg.optim.impl, self.device)
+        log.info("optim.impl: %s (%s)", self.optim_impl, why)
+        step_mod.check_compile(cfg, self.kernels_impl, dist)  # fail now, naming the fields
+        if t.cuda_graph:
+            step_mod.check_cuda_graph(cfg, self.device, self.kernels_impl, self.optim_impl, dist)
 
         # data.num_images sizes the procedural set only: a folder is used whole (a cap of the
         # default 20000 would silently drop most of CelebA)
@@ -109,11 +114,8 @@ class Trainer:
         self.n_potential = models.count_parameters(self.potential)
         log.info("parameters: drift %s, potential %s (%.2f %% of drift)", f"{self.n_drift:,}",
                  f"{self.n_potential:,}", 100 * self.n_potential / self.n_drift)
-        o = cfg.optim
-        self.opt_f = torch.optim.AdamW(self.drift.parameters(), lr=o.lr, betas=tuple(o.betas),
-                                       weight_decay=o.weight_decay)
-        self.opt_v = torch.optim.AdamW(self.potential.parameters(), lr=o.lr_potential,
-                                       betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.opt_f, self.opt_v = step_mod.build_optimisers(cfg, self.drift, self.potential, self.optim_impl,
+                                                           capturable=t.cuda_graph)
         self.step = 0
         self.nonfinite = 0
         self.stop_signal: str | None = None
@@ -122,6 +124,7 @@ class Trainer:
         self._evaluating = False        # a signal now interrupts the evaluation (train.eval_every)
         self._eval_ref = None           # the periodic evaluation's reference: built once per run
         self._evals_logged: set[int] = set()  # steps with an eval row in metrics.jsonl
+        self._timing_logged: set[str] = set()  # one-off timings already written to metrics.jsonl
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not resume and self.is_main:
@@ -137,6 +140,8 @@ class Trainer:
         nets = dict(drift=self.drift, potential=self.potential, ema=self.ema)
         if latest is not None:
             state = checkpoint.load(latest, cfg=cfg, opt_f=self.opt_f, opt_v=self.opt_v, device=self.device, **nets)
+            for opt in (self.opt_f, self.opt_v):  # a checkpoint of any optim.impl resumes with this one
+                step_mod.set_adamw_impl(opt, self.optim_impl, capturable=t.cuda_graph)
             self.step, self.nonfinite = state["step"], state["nonfinite"]
             log.info("resumed from %s at step %d", latest, self.step)
             if self.step > t.steps and self.is_main:
@@ -147,7 +152,13 @@ class Trainer:
         # after loading: under DDP the wrappers broadcast rank 0's (identical) weights once more
         self.agm_step = AGMStep(cfg, self.drift, self.potential, self.ema, self.opt_f, self.opt_v,
                                 device=self.device, kernels=self.kernels_impl, autocast_dtype=self.autocast_dtype,
-                                dist=dist)
+                                dist=dist, compile=t.compile)
+        log.info("train.compile: %s%s", t.compile, "" if t.compile == "off" else
+                 " (the first step's time includes the compilation)")
+        # train.cuda_graph: the loop's batches are copied into the graphed step's static buffers
+        self.graphed = step_mod.GraphedAGMStep(self.agm_step) if t.cuda_graph else None
+        if t.cuda_graph:
+            log.info("train.cuda_graph: the whole step is captured at the first step and replayed")
         if self.is_main:
             self._truncate_metrics()
             self._write_run_info()
@@ -162,7 +173,9 @@ class Trainer:
         atomic_write_text(self.run_dir / "config.json", config_mod.to_json(self.cfg) + "\n")
         info = {"git_commit": git_commit(), "versions": dispatch.package_versions(), "device": str(self.device),
                 "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-                "implementations": {"train.kernels": self.kernels_impl,
+                "implementations": {"train.kernels": self.kernels_impl, "optim.impl": self.optim_impl,
+                                    "train.compile": self.cfg.train.compile,
+                                    "train.cuda_graph": self.cfg.train.cuda_graph,
                                     "model.attention": getattr(self.drift, "attention_backend", None),
                                     "autocast": str(self.autocast_dtype)},
                 "parameters": {"drift": self.n_drift, "potential": self.n_potential},
@@ -203,8 +216,10 @@ class Trainer:
             self._check_weights_finite()
         if not self.is_main:
             return final
-        return checkpoint.save(self.run_dir, step=self.step, cfg=self.cfg, drift=self.drift, potential=self.potential,
-                               ema=self.ema, opt_f=self.opt_f, opt_v=self.opt_v, nonfinite=self.nonfinite)
+        with self.graphed.host_lr() if self.graphed is not None else contextlib.nullcontext():
+            return checkpoint.save(self.run_dir, step=self.step, cfg=self.cfg, drift=self.drift,
+                                   potential=self.potential, ema=self.ema, opt_f=self.opt_f, opt_v=self.opt_v,
+                                   nonfinite=self.nonfinite)
 
     def _check_weights_finite(self) -> None:
         """Refuse to checkpoint NaN/Inf weights: an update with finite gradients can still diverge
@@ -263,9 +278,12 @@ class Trainer:
             while self.step < t.steps and not self._stopping():
                 step, indices, x1 = next(it)
                 assert step == self.step, f"data loader at step {step}, trainer at {self.step}"
-                diag = self.agm_step(indices.to(self.device), x1, step)
+                diag = (self.graphed or self.agm_step)(indices.to(self.device), x1, step)
                 if self.is_main:  # the diagnostics are the global batch's on every rank
                     row = diagnostics_row(step, diag, self.cfg)
+                    if self.agm_step.compile_seconds is not None and "compile_seconds" not in self._timing_logged:
+                        row["compile_seconds"] = self.agm_step.compile_seconds  # the first step, compilation included
+                        self._timing_logged.add("compile_seconds")
                     now = time.perf_counter()
                     row["img_per_s"] = t.batch_size / max(now - last_t, 1e-9)
                     row["skipped_images"] = getattr(self.loader, "skipped_count", 0)
@@ -334,7 +352,7 @@ class Trainer:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
         return {"step": self.step, "stopped_by": self.stop_signal, "last": row,
-                "checkpoint": str(self.latest_checkpoint())}
+                "checkpoint": str(self.latest_checkpoint()), "compile_seconds": self.agm_step.compile_seconds}
 
     # ------------------------------------------------------------------ outputs
     def sample_ema(self, n: int, net=None, seed: int | None = None) -> torch.Tensor:
