@@ -17,7 +17,7 @@ import torch
 
 from agm_fast import bridge, dispatch
 from agm_fast import kernels as K
-from conftest import skip_unless_available
+from conftest import needs_cuda, skip_unless_available
 
 try:
     import triton
@@ -194,3 +194,15 @@ def test_nhwc_under_the_cuda_launch_layout(monkeypatch, block, programs):
     assert_same("x_t", K.bridge_sample(nhwc(x1), t, **kw), K.bridge_sample(x1, t, **kw))
     ref = bridge.bridge_sample(x1.float(), t, *bridge.draw_bridge_noise(SEED, STEP, idx, x1.shape, DEVICE), 0.5)
     torch.testing.assert_close(K.bridge_sample(nhwc(x1.float()), t, **kw), ref, rtol=1e-6, atol=1e-6)
+
+
+@needs_cuda
+def test_cuda_nhwc_equals_nchw_at_training_shapes():
+    """Native launch layout: 1,024-element blocks over 64² images, and an odd 33×47 one whose
+    channel boundaries fall mid-block."""
+    for b, c, h, w in ((64, 3, 64, 64), (5, 3, 33, 47)):
+        for dtype in (torch.bfloat16, torch.float32):
+            check_loss_nhwc(b, c, h, w, dtype, "drift", "softmax", "coherent", "batch", seed=8)
+            x1, _, t, _, idx = inputs(b, c, h, w, dtype, seed=9)
+            kw = dict(seed=SEED, step=STEP, sample_index=idx, sigma=0.5)
+            assert_same("x_t", K.bridge_sample(nhwc(x1), t, **kw), K.bridge_sample(x1, t, **kw))
