@@ -81,7 +81,7 @@ COMMON = [
     "data.loader=torch", "data.workers=0",
 ]
 SIZING = dict(steps=500, eval_every=125, eval_n=128, ckpt_every=125)  # --steps N: evaluations at N/4, N/2, …
-SMOKE = dict(steps=4, eval_every=2, eval_n=8, ckpt_every=2,
+SMOKE = dict(steps=2, eval_every=1, eval_n=6, ckpt_every=1,
              overrides=["train.batch_size=4", "sample.steps=4", "bridge.t_eps=0.25"])
 METRICS = ("FD-EffLite0", "kid_mean", "swd")   # the per-step numbers aggregated and plotted
 KEYS_NOT_COMPARED = ("train.threads", "train.progress")  # may change between sessions of one run

@@ -64,9 +64,9 @@ def test_smoke_study_outputs_and_resume(tmp_path, monkeypatch, capsys):
         assert set(arms) == {"agm", "drift"}
         for arm, a in arms.items():
             assert a["final_step"] == S.SMOKE["steps"]
-            assert sorted(a["per_step"], key=int) == ["2", "4"]
+            assert sorted(a["per_step"], key=int) == ["1", "2"]
             for key in S.METRICS:
-                vals = [a["runs"][str(s)]["evals"]["4"][key] for s in S.SEEDS]
+                vals = [a["runs"][str(s)]["evals"]["2"][key] for s in S.SEEDS]
                 assert all(isinstance(v, float) and math.isfinite(v) for v in vals)
                 assert a["final"][key]["mean"] == pytest.approx(np.mean(vals))
                 assert a["final"][key]["std"] == pytest.approx(np.std(vals, ddof=1))
@@ -94,13 +94,13 @@ def test_smoke_study_outputs_and_resume(tmp_path, monkeypatch, capsys):
     # an interrupted run (no done marker, killed before its last checkpoint) resumes from its checkpoint
     run = out / "runs" / "emoji" / "drift" / "seed2"
     (run / S.DONE_NAME).unlink()
-    shutil.rmtree(run / "checkpoints" / "ckpt-00000004")
+    shutil.rmtree(run / "checkpoints" / "ckpt-00000002")
     S.main(argv)
     log = capsys.readouterr().out
     assert log.count("skipped finished ") == n_runs - 1 and "trained emoji/drift/seed2" in log
     assert "resumed from" in (run / "train.log").read_text()
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "eval" in r] == [2, 4]
+    assert [r["step"] for r in rows if "eval" in r] == [1, 2]
 
     # another configuration in the same --out is refused, naming the run
     with pytest.raises(SystemExit, match="another configuration"):
