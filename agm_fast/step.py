@@ -37,12 +37,18 @@ Fast paths (docs/design.md §3; each checked against the eager step by tests/tes
                   drift loss) over the whole per-rank batch; one backward of L_V + L_f (L_f never
                   reaches φ, L_V never θ: the same gradients) and the optimiser stay eager. The
                   step word enters as a 0-dim int64 device tensor, so one graph serves every step;
-                  the seed is a per-run constant and is baked in.
+                  the seed is a per-run constant and is baked in. Refused on the CPU (inductor's
+                  C++ code for the Philox noise is wrong there, STEP_BACKEND), with
+                  train.kernels=triton (their step word is a host int) and under torchrun.
   train.cuda_graph  `GraphedAGMStep`: the whole iteration (forwards, backwards, clipping, fused
                   AdamW, EMA) on static buffers (x1, indices, step word, learning rates), with the
                   guard decided on the device (fused AdamW's found_inf, EMA masked by torch.where).
                   Captured once on CUDA; elsewhere the same body runs eagerly on the same buffers,
-                  which is how the CPU tests check it against this step.
+                  which is how the CPU tests check it against this step. check_cuda_graph lists
+                  what it refuses (CPU, torchrun, compile=step, triton kernels, non-fused AdamW,
+                  dropout). Not yet verified on a GPU: agm_fast.rng builds its key words with
+                  torch.tensor (a host→device copy inside the capture) and the reference
+                  weights read the spread of V on the host; both would stop a capture.
 """
 
 from __future__ import annotations
@@ -137,7 +143,15 @@ class _PotentialPair(torch.nn.Module):
         return self.potential(x_pos, t), self.potential(x_neg, t)
 
 
-def check_compile(cfg: Config, kernels: str, dist) -> str:
+# torch.compile's backend for train.compile=step. Inductor's CPU (C++) code for agm_fast.rng's
+# Philox rounds returns other words than eager (torch 2.13, measured: rng.philox4x32 under
+# torch.compile(fullgraph=True) on 6 CPU indices), so the keyed noise would be wrong; aot_eager
+# (tracing and autograd, no code generation) draws it right. tests/test_step_fast.py checks the step
+# mode's tracing with aot_eager on the CPU and with inductor on CUDA.
+STEP_BACKEND = "inductor"
+
+
+def check_compile(cfg: Config, kernels: str, dist, device: torch.device) -> str:
     """train.compile, with the combinations it cannot serve refused (ConfigError naming the fields)."""
     mode = check_choice("train.compile", cfg.train.compile)
     if mode != "step":
@@ -149,6 +163,10 @@ def check_compile(cfg: Config, kernels: str, dist) -> str:
     if dist is not None:
         raise ConfigError("train.compile=step runs one process only (under torchrun use train.compile=nets: "
                           "DistributedDataParallel needs its own forward per backward)")
+    if torch.device(device).type == "cpu" and STEP_BACKEND == "inductor":
+        raise ConfigError("train.compile=step is refused on the CPU: inductor's C++ code for the Philox noise "
+                          "(agm_fast.rng) differs from eager on torch 2.13, so the keyed noise would be wrong; use "
+                          "train.compile=nets (the nets hold no noise) or a CUDA device")
     return mode
 
 
@@ -156,12 +174,11 @@ class AGMStep:
     """One optimiser step of f_θ and V_φ on a batch (module docstring). Holds no state of its
     own: everything that changes lives in the nets, the EMA copy and the optimisers. `dist`
     (agm_fast.distributed.Dist, None for one process) makes it one rank's part of a DDP step.
-    `compile` is train.compile (off | nets | step)."""
+    cfg.train.compile (off | nets | step) picks the compiled parts."""
 
     def __init__(self, cfg: Config, drift: torch.nn.Module, potential: torch.nn.Module, ema: torch.nn.Module,
                  opt_f: torch.optim.Optimizer, opt_v: torch.optim.Optimizer, *, device: torch.device,
-                 kernels: str, autocast_dtype: torch.dtype | None, dist: distributed.Dist | None = None,
-                 compile: str = "off"):
+                 kernels: str, autocast_dtype: torch.dtype | None, dist: distributed.Dist | None = None):
         self.cfg, self.drift, self.potential, self.ema = cfg, drift, potential, ema
         self.opt_f, self.opt_v = opt_f, opt_v
         self.device, self.kernels, self.autocast_dtype = device, kernels, autocast_dtype
@@ -176,7 +193,7 @@ class AGMStep:
         self._drift = distributed.wrap(drift, dist)
         self._pair = distributed.wrap(_PotentialPair(potential), dist) if dist is not None else None
         self._potential = potential
-        self.compile = check_compile(cfg, kernels, dist)
+        self.compile = check_compile(cfg, kernels, dist, device)
         self.compile_seconds: float | None = None  # the first call's time when compiling (compile + one step)
         self._forward_fn = None
         if self.compile != "off":
@@ -191,7 +208,7 @@ class AGMStep:
             else:
                 self._potential = torch.compile(potential)
         elif self.compile == "step":
-            self._forward_fn = torch.compile(self._forward)
+            self._forward_fn = torch.compile(self._forward, backend=STEP_BACKEND)
             # the step word as a device tensor: one graph for every step (a Python int would be
             # specialised, i.e. a recompile at the next step)
             self._step_word = torch.zeros((), dtype=torch.int64, device=device)

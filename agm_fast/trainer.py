@@ -93,7 +93,7 @@ class Trainer:
         log.info("train.kernels: %s (%s)", self.kernels_impl, why)
         self.optim_impl, why = step_mod.resolve_adamw_impl(cfg.optim.impl, self.device)
         log.info("optim.impl: %s (%s)", self.optim_impl, why)
-        step_mod.check_compile(cfg, self.kernels_impl, dist)  # fail now, naming the fields
+        step_mod.check_compile(cfg, self.kernels_impl, dist, self.device)  # fail now, naming the fields
         if t.cuda_graph:
             step_mod.check_cuda_graph(cfg, self.device, self.kernels_impl, self.optim_impl, dist)
 
@@ -152,7 +152,7 @@ class Trainer:
         # after loading: under DDP the wrappers broadcast rank 0's (identical) weights once more
         self.agm_step = AGMStep(cfg, self.drift, self.potential, self.ema, self.opt_f, self.opt_v,
                                 device=self.device, kernels=self.kernels_impl, autocast_dtype=self.autocast_dtype,
-                                dist=dist, compile=t.compile)
+                                dist=dist)
         log.info("train.compile: %s%s", t.compile, "" if t.compile == "off" else
                  " (the first step's time includes the compilation)")
         # train.cuda_graph: the loop's batches are copied into the graphed step's static buffers

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from agm_fast import checkpoint, config
+from agm_fast import step as step_mod
 from agm_fast.config import ConfigError
 from agm_fast.step import (AGMStep, GraphedAGMStep, build_optimisers, check_compile, check_cuda_graph,
                            resolve_adamw_impl, set_adamw_impl)
@@ -70,11 +71,11 @@ def make_cfg(*overrides):
     return config.load("demo32", BASE + list(overrides))
 
 
-def make(impl="for_loop", compile="off", cfg=None, default_adamw=False):
+def make(impl="for_loop", compile="off", cfg=None, default_adamw=False, device=CPU):
     """An AGMStep on fresh tiny nets (the same weights every time), as the trainer builds it."""
-    cfg = cfg or make_cfg()
+    cfg = cfg or make_cfg(f"train.compile={compile}")
     torch.manual_seed(0)
-    drift, potential = Drift(), Potential()
+    drift, potential = Drift().to(device), Potential().to(device)
     ema = copy.deepcopy(drift).eval().requires_grad_(False)
     if default_adamw:  # what agm_fast/trainer.py built before optim.impl existed
         o = cfg.optim
@@ -83,8 +84,7 @@ def make(impl="for_loop", compile="off", cfg=None, default_adamw=False):
                                   weight_decay=o.weight_decay)
     else:
         opt_f, opt_v = build_optimisers(cfg, drift, potential, impl)
-    return AGMStep(cfg, drift, potential, ema, opt_f, opt_v, device=CPU, kernels="torch", autocast_dtype=None,
-                   compile=compile)
+    return AGMStep(cfg, drift, potential, ema, opt_f, opt_v, device=device, kernels="torch", autocast_dtype=None)
 
 
 def batches(n, nan_at=None):
@@ -111,7 +111,8 @@ def tensors(step):
 
 
 def run(step, data, k0=0):
-    return [step(idx, x1, k0 + k) for k, (idx, x1) in enumerate(data)]
+    dev = step.device
+    return [step(idx.to(dev), x1.to(dev), k0 + k) for k, (idx, x1) in enumerate(data)]
 
 
 # ----------------------------------------------------------------------------- optim.impl
@@ -197,40 +198,53 @@ def test_a_checkpoint_resumes_under_another_optim_impl(tmp_path, src, dst):
 
 # ----------------------------------------------------------------------------- train.compile
 
-def test_compile_step_refuses_the_triton_kernels_and_torchrun():
-    cfg = make_cfg("train.compile=step")
+def test_compile_step_refuses_the_triton_kernels_torchrun_and_inductor_on_the_cpu():
+    cfg, cuda = make_cfg("train.compile=step"), torch.device("cuda")
     with pytest.raises(ConfigError, match="train.compile=step.*train.kernels=triton"):
-        check_compile(cfg, "triton", None)
+        check_compile(cfg, "triton", None, cuda)
     with pytest.raises(ConfigError, match="train.compile=step runs one process"):
-        check_compile(cfg, "torch", object())
-    assert check_compile(make_cfg("train.compile=nets"), "triton", object()) == "nets"
+        check_compile(cfg, "torch", object(), cuda)
+    with pytest.raises(ConfigError, match="train.compile=step is refused on the CPU.*Philox"):
+        check_compile(cfg, "torch", None, CPU)
+    assert check_compile(cfg, "torch", None, cuda) == "step"
+    assert check_compile(make_cfg("train.compile=nets"), "triton", object(), CPU) == "nets"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["nets", "step"])
-def test_compiled_steps_match_eager_and_never_recompile(mode):
+def test_compiled_steps_match_eager_and_never_recompile(mode, monkeypatch):
     """4 steps: losses and grad norms within the parity rule's fp32 reduction bound (1e-5
     relative), the weights after them within 1e-5 of max|w|. Recompilation: after the warm-up,
     steps run under error_on_recompile (a recompilation raises) and add no graph. The warm-up
     is step 0 for nets; for step also step 1, as on CPU tensors agm_fast.checks.sample_index
     reads the batch's min/max index on the host (a graph break whose resume frame takes them
     as Python ints): one recompilation at step 1 makes them dynamic (TORCH_LOGS=recompiles
-    names that frame and nothing else). The step word itself is a device tensor: never a guard."""
+    names that frame and nothing else). The step word itself is a device tensor: never a guard.
+    The step mode runs with the aot_eager backend here (step.STEP_BACKEND: inductor's CPU code for
+    the Philox noise is wrong); the same test with inductor runs on CUDA."""
+    if mode == "step":
+        monkeypatch.setattr(step_mod, "STEP_BACKEND", "aot_eager")
+    compiled_steps_match_eager(mode, CPU)
+
+
+def compiled_steps_match_eager(mode, device):
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
+    counters.clear()
     data = batches(4)
-    eager, comp = make(), make(compile=mode)
-    warm = 1 if mode == "nets" else 2
+    eager, comp = make(device=device), make(compile=mode, device=device)
+    assert comp.compile == mode
+    warm = 1 if mode == "nets" or device.type != "cpu" else 2
     t0 = time.perf_counter()
-    d_comp = [comp(idx, x1, k) for k, (idx, x1) in enumerate(data[:warm])]
+    d_comp = run(comp, data[:warm])
     first = time.perf_counter() - t0
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 2  # at least the two nets
     with torch._dynamo.config.patch(error_on_recompile=True):
-        d_comp += [comp(idx, x1, k) for k, (idx, x1) in enumerate(data[warm:], warm)]
+        d_comp += run(comp, data[warm:], k0=warm)
     assert counters["stats"]["unique_graphs"] == graphs
     assert comp.compile_seconds is not None and comp.compile_seconds <= first
-    print(f"train.compile={mode}: first step {comp.compile_seconds:.1f} s (CPU, compilation included), "
+    print(f"train.compile={mode}: first step {comp.compile_seconds:.1f} s ({device.type}, compilation included), "
           f"{graphs} graphs")
     d_eager = run(eager, data)
     for k, (e, c) in enumerate(zip(d_eager, d_comp)):
@@ -242,6 +256,14 @@ def test_compiled_steps_match_eager_and_never_recompile(mode):
         if key.split(".")[0] in ("drift", "potential", "ema"):
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5 * a[key].abs().max().item() + 1e-7,
                                        msg=lambda m: f"{key}: {m}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["nets", "step"])
+def test_compiled_steps_match_eager_and_never_recompile_on_cuda(mode):
+    """As above with inductor on CUDA (Triton code for the Philox noise); no index check reads the
+    host there, so error_on_recompile holds from step 1 in both modes."""
+    compiled_steps_match_eager(mode, torch.device("cuda"))
 
 
 # ----------------------------------------------------------------------------- train.cuda_graph
