@@ -56,9 +56,13 @@ device's idle time on CUDA). Regions (data, attention, loss and bridge, optimise
 a backward op belongs to the region of the forward op that made its autograd node (sequence numbers).
 In eager rows the attention and loss/bridge regions are marked for the profiled steps only (forward
 hooks on the attention modules; record_function wrappers around the bridge/loss functions the step
-calls); compiled rows are unmarked and fall back to op names. The categories sum to the profiled span
-of a step; `profile_ratio` = that span / the unprofiled median, which must be within 10 % of 1 for the
-breakdown to describe the timed step.
+calls); compiled rows are unmarked and fall back to op names. The profiled steps are spread between
+the timed ones and the fastest is kept; its categories sum to its span, and `profile_ratio` = that
+span / the fastest unprofiled step (ms_min): both are the step least disturbed by other work on the
+machine, so the ratio measures what the profiler adds, not the load. It must be within 10 % of 1 for
+the breakdown to describe the timed step. On a CPU shared with other work even the fastest steps
+vary by more than that, so CPU rows add `profile_cpu_ratio`: the process CPU time of a profiled step
+over that of a timed one (medians), which the load does not inflate.
 
 Output: bench/results/step-<device>-<date>.json + .md (bench/common.py, written again after every row,
 so a run cut short keeps its rows) + .png (img/s per row; stacked categories in ms per step).
@@ -264,22 +268,26 @@ class Runner:
         with record_function(REGION_PREFIX + "data"):
             step, indices, x1 = next(self.it)
             indices = indices.to(self.device)
-        return self.trainer.agm_step(indices, x1, step)
+        step_fn = getattr(self.trainer, "graphed", None) or self.trainer.agm_step  # as Trainer.run picks it
+        return step_fn(indices, x1, step)
 
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
 
-def step_times_ms(run: Runner, reps: int) -> list[float]:
-    """Wall clock of `reps` synchronised steps (each step already ends in a host read: the guard)."""
+def step_times_ms(run: Runner, reps: int, cpu_ms: list | None = None) -> list[float]:
+    """Wall clock of `reps` synchronised steps (each step already ends in a host read: the guard);
+    the process's CPU time of each goes to `cpu_ms` if given."""
     out = []
     for _ in range(reps):
         run.sync()
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         run()
         run.sync()
         out.append((time.perf_counter() - t0) * 1e3)
+        if cpu_ms is not None:
+            cpu_ms.append((time.process_time() - c0) * 1e3)
     return out
 
 
@@ -316,26 +324,32 @@ def profile_one(run: Runner, label_regions: bool) -> dict:
     ctx = _regions(run.trainer) if label_regions else contextlib.nullcontext()
     with ctx, tprofile(activities=acts) as prof:
         run.sync()
+        c0 = time.process_time()
         with record_function(REGION_PREFIX + "step"):
             run()
             run.sync()
-    return categorise(prof.events(), run.device.type)
+        cpu_ms = (time.process_time() - c0) * 1e3
+    return dict(categorise(prof.events(), run.device.type), cpu_ms=cpu_ms)
 
 
 def timed_and_profiled(run: Runner, reps: int, n_prof: int, label_regions: bool) -> tuple[list[float], dict | None]:
     """`reps` timed steps with `n_prof` profiled steps spread between them, so that both see the
-    same machine (a shared CPU's load drifts within seconds). The profile kept is the one of median
-    span (robust to a step that the machine's load stretched), with the number of profiled steps."""
-    times, profs = [], []
+    same machine (a shared CPU's load drifts within seconds). The profile kept is the fastest one
+    (the least disturbed by other processes), with the number of profiled steps and, on the CPU,
+    cpu_ratio: the process CPU time of the profiled steps over that of the timed ones (medians),
+    which other processes do not inflate: what the profiler itself adds."""
+    times, cpu, profs = [], [], []
     blocks = [reps // (n_prof + 1) + (i < reps % (n_prof + 1)) for i in range(n_prof + 1)]
     for i, k in enumerate(blocks):
-        times += step_times_ms(run, k)
+        times += step_times_ms(run, k, cpu)
         if i < n_prof:
             profs.append(profile_one(run, label_regions))
     if not profs:
         return times, None
-    profs.sort(key=lambda p: p["profiled_step_ms"])
-    return times, dict(profs[(len(profs) - 1) // 2], steps=len(profs))
+    out = dict(min(profs, key=lambda p: p["profiled_step_ms"]), steps=len(profs))
+    if run.device.type == "cpu":
+        out["cpu_ratio"] = statistics.median(p["cpu_ms"] for p in profs) / statistics.median(cpu)
+    return times, out
 
 
 def implementations(trainer) -> dict:
@@ -413,7 +427,6 @@ class Suite:
             row["resolution"] = trainer.cfg.data.resolution
             row["params_drift"] = trainer.n_drift
             row["params_potential"] = trainer.n_potential
-            row["implementations"] = implementations(trainer)
             run = Runner(trainer)
             t0 = time.perf_counter()
             run()
@@ -421,6 +434,7 @@ class Suite:
             row["first_step_s"] = time.perf_counter() - t0
             for _ in range(a.warmup - 1):
                 run()
+            row["implementations"] = implementations(trainer)  # after the first forward resolved them
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             eager = is_eager(extra)
@@ -444,8 +458,10 @@ class Suite:
             if prof is not None:
                 row.update(categories_ms=prof["categories_ms"], profiled_step_ms=prof["profiled_step_ms"],
                            other_host_or_idle_ms=prof["other_host_or_idle_ms"],
-                           profile_ratio=sum(prof["categories_ms"].values()) / ms, regions_marked=eager,
+                           profile_ratio=sum(prof["categories_ms"].values()) / min(times), regions_marked=eager,
                            profiled_steps=prof["steps"])
+                if "cpu_ratio" in prof:
+                    row["profile_cpu_ratio"] = prof["cpu_ratio"]
             print(f"{name:<58} {ms:10.2f} ms  {row['img_per_s']:9.1f} img/s"
                   + (f"  mfu {row['mfu'] * 100:5.1f} %" if "mfu" in row else "")
                   + (f"  profile/timed {row['profile_ratio']:.3f}" if "profile_ratio" in row else ""), flush=True)
