@@ -27,14 +27,23 @@ backward on the positive and the negative bridge samples). The trainer trains V_
 "method" FLOPs say what a drift-only trainer would spend. Wall clock per run: measured around the
 trainer (summed over resumed sessions) and, from metrics.jsonl, its training and evaluation parts.
 
-Sizing (measured on this 2-core CPU, threads = 1, sharing the machine; see SIZING below and the
-README "AGM vs drift-only study"): 2 datasets × 2 arms × 3 seeds = 12 runs must fit in ≈ 60 min
-(≤ 90 min), ≈ 5 min a run. What was cut for that, against the presets and the paper: a small
-drift U-Net (32 base channels, multipliers [1, 2], one block per level, no attention, ≈ 0.5M
-parameters), batch 32, SIZING["steps"] steps (a fraction of one epoch of Fashion-MNIST), 50
-Euler–Maruyama sampling steps (paper: 200; bridge.t_eps = 0.02 ≤ 1/50), evaluations of
-SIZING["eval_n"] samples against as many training images (a small-N FD/KID: biased upwards and
-noisy, comparable only between runs with the same N), no end-of-run sample grid or SWD report.
+Sizing (CPU, 2 cores shared with other jobs, train.threads = 1; README "AGM vs drift-only
+study"): 2 datasets × 2 arms × 3 seeds = 12 runs in ≈ 60 min (≤ 90) is ≈ 5 min a run. Measured
+at load ≈ 3 on this configuration: one training step (batch 32) 0.32 s on either dataset; one
+evaluation's sampling (128 images × 50 EM steps) 16 s (Fashion-MNIST) / 18 s (emoji), plus ≈ 3 s
+of EfficientNet-Lite0 features and metrics. FLOPs (FlopCounterMode): 9.2 GFLOP a step on
+Fashion-MNIST, 12.1 on emoji (V_φ: 0.21 / 0.26 of them). A run of SIZING: 500 × 0.32 s + 4 × 20 s
++ ≈ 20 s (file listing, the reference's features, checkpoints, loss.png) ≈ 260 s; the study
+≈ 52 min. On a busier machine it stretches: at load 8–10 a step took 1.0–1.7 s and an
+evaluation 86–170 s (≈ 3.5× the study); --steps and --eval-n shrink it.
+
+What was cut for that, against the presets and the paper: a small drift U-Net (16 base channels,
+multipliers [1, 2, 2], one block per level, no attention: 0.27M parameters), batch 32, 500 steps
+(16,000 images: a quarter of one Fashion-MNIST epoch, 4 emoji epochs), 50 Euler–Maruyama
+sampling steps (paper: 200; bridge.t_eps = 0.02 ≤ 1/50), 4 evaluations of 128 samples against
+128 training images (FD at N = 128 on 1280 features is biased upwards and noisy: compare arms at
+equal N only; KID is unbiased), no sample grids or end-of-run report (train.sample_every = 0,
+train.eval_images = 0).
 """
 
 from __future__ import annotations
