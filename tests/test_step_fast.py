@@ -363,3 +363,28 @@ def test_the_captured_step_replays_like_the_eager_step_on_cuda():
     for key in a:
         torch.testing.assert_close(b[key].float().cpu(), a[key].float().cpu(), rtol=1e-5, atol=1e-6)
     assert graphed.graph is not None
+
+
+# ----------------------------------------------------------------------------- the trainer's wiring
+
+TINY = ["data.resolution=8", "data.num_images=16", "model.channels=8", "model.channel_mult=[1,2]",
+        "model.attn_resolutions=[]", "model.num_heads=2", "potential.channels=[4,8,8]", "train.batch_size=4",
+        "train.sample_every=0", "train.eval_images=0", "train.progress=false", "train.log_every=1000",
+        "train.ckpt_every=0", "sample.steps=10", "bridge.t_eps=0.01", "train.device=cpu", "train.kernels=torch"]
+
+
+def test_the_trainer_builds_the_chosen_adamw_and_resumes_a_checkpoint_under_another(tmp_path):
+    """optim.impl reaches both optimisers and run_info.json; a run written with foreach resumes
+    with fused (the trainer re-applies its own implementation to the loaded param groups)."""
+    from agm_fast.trainer import Trainer
+    run_dir = tmp_path / "run"
+    first = Trainer(config.load("demo32", TINY + [f"train.run_dir={run_dir}", "train.steps=2", "optim.impl=foreach"]))
+    assert all(g["foreach"] and not g["fused"] for o in (first.opt_f, first.opt_v) for g in o.param_groups)
+    first.run()
+    info = json.loads((run_dir / "run_info.json").read_text())["implementations"]
+    assert (info["optim.impl"], info["train.compile"], info["train.cuda_graph"]) == ("foreach", "off", False)
+    second = Trainer(config.load("demo32", TINY + [f"train.run_dir={run_dir}", "train.steps=3", "optim.impl=fused"]))
+    assert second.step == 2
+    assert all(g["fused"] and not g["foreach"] for o in (second.opt_f, second.opt_v) for g in o.param_groups)
+    assert int(second.opt_f.state[next(second.drift.parameters())]["step"]) == 2
+    assert second.run()["step"] == 3
