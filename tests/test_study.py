@@ -77,6 +77,10 @@ def test_smoke_study_outputs_and_resume(tmp_path, monkeypatch, capsys):
             cfg = json.loads((out / "runs" / ds / arm / "seed1" / "config.json").read_text())
             assert cfg["weights"]["scheme"] == {"agm": "softmax", "drift": "uniform"}[arm]
             assert cfg["train"]["seed"] == 1 and cfg["train"]["steps"] == S.SMOKE["steps"]
+            rows = [json.loads(ln) for ln in (out / "runs" / ds / arm / "seed1" / "metrics.jsonl").read_text().splitlines()]
+            w = [(r["w_min"], r["w_max"]) for r in rows if "w_min" in r]
+            assert len(w) == S.SMOKE["steps"]  # the arm's weights as trained: w ≡ 1 only for drift-only
+            assert all(lo == hi == pytest.approx(1.0) for lo, hi in w) == (arm == "drift")
         agm, drift = arms["agm"]["flops"], arms["drift"]["flops"]
         assert agm["as_trained"] == drift["as_trained"]
         assert agm["method"] == drift["method"] + agm["potential_fwd_bwd_pos_neg"]
