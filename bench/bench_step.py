@@ -27,8 +27,10 @@ Rows
     fused_norm      model.fused_norm=triton (on the CPU that is the Triton interpreter: skipped unless
                     --interpreter; its timing says nothing about a GPU)
     compile         train.compile=nets
-    compile_step    train.compile=step (instead of nets)
-    cuda_graph      train.cuda_graph=true (CUDA only)
+    compile_step    train.compile=step instead of nets, with train.kernels=torch (what it can trace);
+                    a variant: later rows go on from the compile row
+    cuda_graph      train.cuda_graph=true with train.kernels=torch and model.dropout=0 (what a capture
+                    needs; the row's name says so), on the compile row (CUDA only)
     A switch that cannot run here (a ConfigError or any error building or running the step) gives a
     row with "skipped" and the reason, and later rows are built without it.
   preset rows (--sizes): bf16 eager AGM (fp32 on the CPU) at each preset's own resolution and batch.
@@ -96,12 +98,17 @@ CATEGORIES = ("conv/matmul", "norm", "elementwise", "layout copies", "attention"
               "loss and bridge", "data", "other")
 SCHEMES = {"agm": "softmax", "drift-only": "uniform"}
 # (row, overrides it adds); rows after "bf16" are cumulative on the chain precision
-CHAIN = (("channels_last", ("model.channels_last=true",)),
-         ("fused_norm", ("model.fused_norm=triton",)),
-         ("compile", ("train.compile=nets",)),
-         ("compile_step", ("train.compile=step",)),
-         ("cuda_graph", ("train.cuda_graph=true",)))
-ROWS = ("fp32", "bf16") + tuple(name for name, _ in CHAIN)
+# (row, its overrides, whether later rows keep it). The step's own limits shape two rows:
+# train.compile=step traces train.kernels=torch only and is a variant that later rows do not keep;
+# train.cuda_graph captures train.kernels=torch, compile=nets|off and model.dropout=0 only
+# (agm_fast.step.check_compile / check_cuda_graph), which its row sets and its name says.
+CHAIN = (("channels_last", ("model.channels_last=true",), True),
+         ("fused_norm", ("model.fused_norm=triton",), True),
+         ("compile", ("train.compile=nets",), True),
+         ("compile_step", ("train.compile=step", "train.kernels=torch"), False),
+         ("cuda_graph", ("train.cuda_graph=true", "train.kernels=torch", "model.dropout=0"), True))
+FORCED_NOTE = {"compile_step": "[kernels=torch]", "cuda_graph": "[kernels=torch,dropout=0]"}
+ROWS = ("fp32", "bf16") + tuple(name for name, _, _ in CHAIN)
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' data sheets; the first key
 # contained in the device name wins, so the more specific names come first.
 GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.4), ("H200", 989.4),
@@ -365,6 +372,13 @@ def implementations(trainer) -> dict:
     return impl
 
 
+def merge_overrides(base: list[str], adds) -> list[str]:
+    """base then adds, a later value of a key replacing the earlier one."""
+    out = {o.split("=", 1)[0]: o for o in base}
+    out.update((o.split("=", 1)[0], o) for o in adds)
+    return list(out.values())
+
+
 def is_eager(overrides: list[str]) -> bool:
     return not any(o.startswith(("train.compile=n", "train.compile=s", "train.cuda_graph=true")) for o in overrides)
 
@@ -503,24 +517,23 @@ class Suite:
                              group="switches")
             chain = scheme + [f"train.precision={chain_precision}"]
             names = [chain_precision]
-            for row, adds in CHAIN:
+            for row, adds, kept in CHAIN:
+                name = f"{tag}: {'+'.join(names + [row])}{FORCED_NOTE.get(row, '')}"
                 why = self._unavailable(row)
                 if why:
                     if row in a.rows:
-                        self.rows.append({"name": f"{tag}: {'+'.join(names + [row])}", "group": "switches",
-                                          "preset": preset, "scheme": label, "batch": batch,
-                                          "device_kind": self.device.type, "skipped": why})
-                        print(f"{self.rows[-1]['name']:<58} skipped: {why}", flush=True)
+                        self.rows.append({"name": name, "group": "switches", "preset": preset, "scheme": label,
+                                          "batch": batch, "device_kind": self.device.type, "skipped": why})
+                        print(f"{name:<58} skipped: {why}", flush=True)
                         self.save()
                     continue
-                trial = [o for o in chain if not (row == "compile_step" and o == "train.compile=nets")] + list(adds)
-                trial_names = [n for n in names if not (row == "compile_step" and n == "compile")] + [row]
+                trial = merge_overrides(chain, adds)
                 if row in a.rows:
-                    r = self.measure(f"{tag}: {'+'.join(trial_names)}", preset, label, batch, trial,
-                                     group="switches")
+                    r = self.measure(name, preset, label, batch, trial, group="switches")
                     if "skipped" in r:  # later rows are built without a switch that cannot run
                         continue
-                chain, names = trial, trial_names
+                if kept:
+                    chain, names = trial, names + [row]
 
     def _unavailable(self, row: str) -> str | None:
         if self.device.type == "cuda":

@@ -76,9 +76,9 @@ def test_cpu_skips_have_reasons(results):
     _, doc = results
     skipped = {r["name"]: r["skipped"] for r in doc["rows"] if "skipped" in r}
     assert set(skipped) == {"demo32 b32 agm: fp32+channels_last+fused_norm",
-                            "demo32 b32 agm: fp32+channels_last+compile_step+cuda_graph"}
+                            "demo32 b32 agm: fp32+channels_last+compile+cuda_graph[kernels=torch,dropout=0]"}
     assert "interpreter" in skipped["demo32 b32 agm: fp32+channels_last+fused_norm"]
-    assert "needs CUDA" in skipped["demo32 b32 agm: fp32+channels_last+compile_step+cuda_graph"]
+    assert "needs CUDA" in skipped["demo32 b32 agm: fp32+channels_last+compile+cuda_graph[kernels=torch,dropout=0]"]
 
 
 def test_categories_account_for_the_step(results):
