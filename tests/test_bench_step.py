@@ -136,6 +136,20 @@ def test_backward_ops_follow_their_forward_region():
     assert cats["conv/matmul"] > 0
 
 
+def test_optimiser_region_takes_its_elementwise_ops():
+    """for_loop AdamW runs plain aten ops (mul_, addcdiv_, …): inside Optimizer.step they are optimiser time."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    p = torch.nn.Parameter(torch.randn(256, 256))
+    p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW([p], foreach=False, fused=False)
+    opt.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("bench:step"):
+            opt.step()
+    cats = bench_step.categorise(prof.events(), "cpu")["categories_ms"]
+    assert cats["optimiser"] > 0 and cats["elementwise"] == 0 and cats["conv/matmul"] == 0
+
+
 @pytest.mark.parametrize("name, category", [
     ("aten::convolution_backward", "conv/matmul"), ("aten::addmm", "conv/matmul"),
     ("aten::native_group_norm_backward", "norm"), ("aten::silu_backward", "elementwise"),
