@@ -360,16 +360,32 @@ def timed_and_profiled(run: Runner, reps: int, n_prof: int, label_regions: bool)
 
 
 def implementations(trainer) -> dict:
-    """What the trainer resolved (its run_info.json), plus the layout the drift's weights ended in."""
+    """What the trainer resolved (its run_info.json) and the execution settings its nets and step
+    ended with, read from the objects (absent attributes: None)."""
     import json
     info = json.loads((trainer.run_dir / "run_info.json").read_text())
     impl = dict(info.get("implementations", {}))
-    impl["drift.norm_impl"] = getattr(trainer.drift, "norm_impl", None)
-    convs = [p for p in trainer.drift.parameters() if p.dim() == 4 and p.shape[-1] > 1]
-    impl["drift.weights_channels_last"] = bool(convs) and all(
-        p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
-    impl["optimizer.f"] = {k: trainer.opt_f.defaults.get(k) for k in ("foreach", "fused")}
+    d = trainer.drift
+    impl.update({"drift.norm_impl": getattr(d, "norm_impl", None),
+                 "drift.channels_last": getattr(d, "channels_last", None),
+                 "drift.checkpointing": getattr(d, "checkpointing", None),
+                 "step.compile": getattr(trainer.agm_step, "compile", None),
+                 "step.cuda_graph": getattr(trainer, "graphed", None) is not None,
+                 "adamw_f": {k: trainer.opt_f.defaults.get(k) for k in ("foreach", "fused", "capturable")}})
     return impl
+
+
+# a requested switch → the implementation value that shows it took effect
+APPLIED = {"model.channels_last=true": ("drift.channels_last", True),
+           "model.checkpointing=true": ("drift.checkpointing", True),
+           "model.fused_norm=triton": ("drift.norm_impl", "triton"),
+           "train.compile=nets": ("step.compile", "nets"), "train.compile=step": ("step.compile", "step"),
+           "train.cuda_graph=true": ("step.cuda_graph", True)}
+
+
+def not_applied(overrides: list[str], impl: dict) -> list[str]:
+    """Switches a row asks for that the trainer at this commit did not put into effect."""
+    return [o for o in overrides if o in APPLIED and impl.get(APPLIED[o][0]) != APPLIED[o][1]]
 
 
 def merge_overrides(base: list[str], adds) -> list[str]:
@@ -449,6 +465,9 @@ class Suite:
             for _ in range(a.warmup - 1):
                 run()
             row["implementations"] = implementations(trainer)  # after the first forward resolved them
+            missing = not_applied(extra, row["implementations"])
+            if missing:  # measured all the same, and said: the row is not what its name asks for
+                row["not_applied"] = missing
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             eager = is_eager(extra)
@@ -478,7 +497,8 @@ class Suite:
                     row["profile_cpu_ratio"] = prof["cpu_ratio"]
             print(f"{name:<58} {ms:10.2f} ms  {row['img_per_s']:9.1f} img/s"
                   + (f"  mfu {row['mfu'] * 100:5.1f} %" if "mfu" in row else "")
-                  + (f"  profile/timed {row['profile_ratio']:.3f}" if "profile_ratio" in row else ""), flush=True)
+                  + (f"  profile/timed {row['profile_ratio']:.3f}" if "profile_ratio" in row else "")
+                  + (f"  NOT APPLIED by the trainer: {row['not_applied']}" if "not_applied" in row else ""), flush=True)
         except Exception as e:  # a switch that cannot run here: recorded, the suite goes on
             if self.device.type == "cuda" and isinstance(e, torch.cuda.OutOfMemoryError):
                 reason = "out of memory"

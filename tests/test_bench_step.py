@@ -160,3 +160,9 @@ def test_optimiser_region_takes_its_elementwise_ops():
     ("cudaDeviceSynchronize", "other")])
 def test_op_category(name, category):
     assert bench_step.op_category(name) == category
+
+
+def test_not_applied_names_switches_the_trainer_ignored():
+    impl = {"drift.channels_last": False, "step.compile": "nets", "drift.norm_impl": "torch"}
+    asked = ["train.precision=fp32", "model.channels_last=true", "train.compile=nets", "model.fused_norm=triton"]
+    assert bench_step.not_applied(asked, impl) == ["model.channels_last=true", "model.fused_norm=triton"]
