@@ -39,7 +39,8 @@ Fast paths (docs/design.md §3; each checked against the eager step by tests/tes
                   step word enters as a 0-dim int64 device tensor, so one graph serves every step;
                   the seed is a per-run constant and is baked in. Refused on the CPU (inductor's
                   C++ code for the Philox noise is wrong there, STEP_BACKEND), with
-                  train.kernels=triton (their step word is a host int) and under torchrun.
+                  train.kernels=triton (their step word is a host int), with micro-batches and
+                  under torchrun.
   train.cuda_graph  `GraphedAGMStep`: the whole iteration (forwards, backwards, clipping, fused
                   AdamW, EMA) on static buffers (x1, indices, step word, learning rates), with the
                   guard decided on the device (fused AdamW's found_inf, EMA masked by torch.where).
@@ -163,6 +164,10 @@ def check_compile(cfg: Config, kernels: str, dist, device: torch.device) -> str:
     if dist is not None:
         raise ConfigError("train.compile=step runs one process only (under torchrun use train.compile=nets: "
                           "DistributedDataParallel needs its own forward per backward)")
+    if cfg.train.micro_batch and cfg.train.micro_batch < cfg.train.batch_size:
+        raise ConfigError(f"train.compile=step runs the whole batch's forward in one piece, so "
+                          f"train.micro_batch={cfg.train.micro_batch} would save no memory; use train.compile=nets "
+                          "with micro-batches")
     if torch.device(device).type == "cpu" and STEP_BACKEND == "inductor":
         raise ConfigError("train.compile=step is refused on the CPU: inductor's C++ code for the Philox noise "
                           "(agm_fast.rng) differs from eager on torch 2.13, so the keyed noise would be wrong; use "

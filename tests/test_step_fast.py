@@ -205,6 +205,8 @@ def test_compile_step_refuses_the_triton_kernels_torchrun_and_inductor_on_the_cp
         check_compile(cfg, "triton", None, cuda)
     with pytest.raises(ConfigError, match="train.compile=step runs one process"):
         check_compile(cfg, "torch", object(), cuda)
+    with pytest.raises(ConfigError, match="train.compile=step runs the whole batch.*train.micro_batch=2"):
+        check_compile(make_cfg("train.compile=step", "train.micro_batch=2"), "torch", None, cuda)
     with pytest.raises(ConfigError, match="train.compile=step is refused on the CPU.*Philox"):
         check_compile(cfg, "torch", None, CPU)
     assert check_compile(cfg, "torch", None, cuda) == "step"
@@ -293,7 +295,8 @@ def test_cuda_graph_refuses_what_it_cannot_capture(overrides, kernels, impl, dis
                      "fused", None)  # what it can capture passes
 
 
-def test_the_graphed_body_equals_the_step_a_skipped_nan_step_included():
+@pytest.mark.parametrize("micro", [0, 3])
+def test_the_graphed_body_equals_the_step_a_skipped_nan_step_included(micro):
     """GraphedAGMStep's body on its static buffers (learning rates as device tensors, the guard as
     fused AdamW's found_inf and a torch.where on the EMA) against AGMStep with the same fused
     AdamW over 5 steps: the same diagnostics bit for bit; step 2 holds a NaN and changes nothing;
@@ -301,8 +304,9 @@ def test_the_graphed_body_equals_the_step_a_skipped_nan_step_included():
     AdamW's update after a found_inf skip differs from one after a skipped call by ≤ 1 ulp per
     element, measured 4.8e-8 of max|w| here; plain tensors outside the step show the same)."""
     data = batches(5, nan_at=2)
-    eager = make("fused")
-    graphed = GraphedAGMStep(make("fused"))
+    cfg = make_cfg(f"train.micro_batch={micro}")
+    eager = make("fused", cfg=cfg)
+    graphed = GraphedAGMStep(make("fused", cfg=cfg))
     assert isinstance(graphed.step.opt_f.param_groups[0]["lr"], torch.Tensor)
     for k, (idx, x1) in enumerate(data):
         before = tensors(graphed.step)
