@@ -76,8 +76,6 @@ import argparse
 import contextlib
 import ctypes
 import logging
-import math
-import os
 import statistics
 import sys
 import tempfile
@@ -92,12 +90,10 @@ import common  # noqa: E402
 from common import device_name, write_results  # noqa: E402
 
 from agm_fast import bridge, config as config_mod, dispatch, models  # noqa: E402
-from agm_fast.config import ConfigError  # noqa: E402
 
 CATEGORIES = ("conv/matmul", "norm", "elementwise", "layout copies", "attention", "optimiser",
               "loss and bridge", "data", "other")
 SCHEMES = {"agm": "softmax", "drift-only": "uniform"}
-# (row, overrides it adds); rows after "bf16" are cumulative on the chain precision
 # (row, its overrides, whether later rows keep it). The step's own limits shape two rows:
 # train.compile=step traces train.kernels=torch only and is a variant that later rows do not keep;
 # train.cuda_graph captures train.kernels=torch, compile=nets|off and model.dropout=0 only
@@ -251,7 +247,7 @@ def _regions(trainer):
 
 def bench_overrides(device: torch.device, batch: int, run_dir: str, threads: int) -> list[str]:
     """What every row sets: procedural data on the device, no samples/evaluation/checkpoints."""
-    return [f"data.dataset=shapes", "data.path=", f"data.num_images={max(2 * batch, 16)}", "data.workers=0",
+    return ["data.dataset=shapes", "data.path=", f"data.num_images={max(2 * batch, 16)}", "data.workers=0",
             "data.loader=memory", f"train.batch_size={batch}", "train.micro_batch=0", f"train.device={device}",
             f"train.run_dir={run_dir}", "train.sample_every=0", "train.eval_images=0", "train.eval_every=0",
             "train.ckpt_every=0", "train.progress=false", "train.steps=1000000", f"train.threads={threads}"]
@@ -396,7 +392,8 @@ def merge_overrides(base: list[str], adds) -> list[str]:
 
 
 def is_eager(overrides: list[str]) -> bool:
-    return not any(o.startswith(("train.compile=n", "train.compile=s", "train.cuda_graph=true")) for o in overrides)
+    """No compilation or graph capture: FLOPs can be counted and profiler regions marked."""
+    return not any(o in ("train.compile=nets", "train.compile=step", "train.cuda_graph=true") for o in overrides)
 
 
 class Suite:
@@ -451,7 +448,7 @@ class Suite:
                "device_kind": "cpu" if cpu else "cuda", "overrides": list(extra)}
         run_dir = tempfile.mkdtemp(dir=self.tmp.name)
         overrides = bench_overrides(self.device, batch, run_dir, a.threads) + list(a.set) + list(extra)
-        trainer = None
+        trainer = run = None
         try:
             trainer = build(preset, overrides)
             row["resolution"] = trainer.cfg.data.resolution
@@ -509,7 +506,7 @@ class Suite:
             row["skipped"] = reason
             print(f"{name:<58} skipped: {reason}", flush=True)
         finally:
-            del trainer
+            trainer = run = None  # before the collection: an OOM search needs the memory back
             self._free()
         self.rows.append(row)
         self.save()
@@ -599,7 +596,7 @@ class Suite:
         """The largest batch for which two steps run (doubling from `start`, then bisection to ±1/16)."""
         def fits(b):
             run_dir = tempfile.mkdtemp(dir=self.tmp.name)
-            trainer = None
+            trainer = run = None
             try:
                 trainer = build(preset, bench_overrides(self.device, b, run_dir, self.args.threads) + extra)
                 run = Runner(trainer)
@@ -610,7 +607,7 @@ class Suite:
             except torch.cuda.OutOfMemoryError:
                 return False
             finally:
-                del trainer
+                trainer = run = None
                 self._free()
         lo, hi = 0, None
         b = start
