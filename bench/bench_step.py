@@ -438,6 +438,7 @@ class Suite:
 
     def save(self):
         self.json_path = write_results("step", self.device, self.rows, self.notes())
+        write_markdown(self.json_path)
         return self.json_path
 
     def measure(self, name: str, preset: str, scheme: str, batch: int, extra: list[str], *, group: str,
@@ -628,6 +629,40 @@ class Suite:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         return lo
+
+
+def write_markdown(json_path: Path) -> Path:
+    """The .md beside the JSON as two readable tables (the generic one of bench/common.py puts the
+    nested categories and implementations in single cells): the rows, then ms per category."""
+    import json
+    doc = json.loads(json_path.read_text())
+    rows = doc["rows"]
+
+    def f(v, fmt):
+        return "" if v is None else format(v, fmt)
+    lines = [f"# step on {doc['device']} ({doc['date'][:10]})", "", doc["notes"], "",
+             f"torch {doc.get('torch')}, command: `{doc.get('command')}`", "",
+             "| row | ms (median) | ms (min) | img/s | peak GB | GFLOP/img | MFU % | first step s | profile/timed | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        note = r.get("skipped") and f"skipped: {r['skipped']}" or (
+            r.get("not_applied") and f"not applied by the trainer: {', '.join(r['not_applied'])}") or ""
+        if "largest_batch" in r:
+            note = f"largest batch {r['largest_batch']}" + (f"; {note}" if note else "")
+        mfu = r.get("mfu")
+        lines.append(f"| {r['name']} | {f(r.get('ms'), '.1f')} | {f(r.get('ms_min'), '.1f')} | {f(r.get('img_per_s'), '.1f')} | "
+                     f"{f(r.get('peak_mem_gb'), '.3f')} | {f(r.get('gflops_per_image'), '.3g')} | "
+                     f"{f(mfu and 100 * mfu, '.1f')} | {f(r.get('first_step_s'), '.1f')} | "
+                     f"{f(r.get('profile_ratio'), '.2f')} | {note} |")
+    prof = [r for r in rows if "categories_ms" in r]
+    if prof:
+        lines += ["", "ms per step by category (profiler; the fastest profiled step):", "",
+                  "| row | " + " | ".join(CATEGORIES) + " |", "|---|" + "---|" * len(CATEGORIES)]
+        for r in prof:
+            lines.append(f"| {r['name']} | " + " | ".join(f"{r['categories_ms'][c]:.1f}" for c in CATEGORIES) + " |")
+    out = json_path.with_suffix(".md")
+    out.write_text("\n".join(lines) + "\n")
+    return out
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path | None:
