@@ -49,7 +49,7 @@ Fast paths (docs/design.md §3; each checked against the eager step by tests/tes
                   what it refuses (CPU, torchrun, compile=step, triton kernels, non-fused AdamW,
                   dropout). Not yet verified on a GPU: agm_fast.rng builds its key words with
                   torch.tensor (a host→device copy inside the capture) and the reference
-                  weights read the spread of V on the host; both would stop a capture.
+                  weights read the spread of V on the host; either should stop a capture.
 """
 
 from __future__ import annotations
