@@ -61,7 +61,7 @@ import time
 
 import torch
 
-from . import bridge, checks, dispatch, distributed
+from . import bridge, dispatch, distributed
 from .config import Config, ConfigError, check_choice
 
 log = logging.getLogger("agm_fast")
