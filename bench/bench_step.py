@@ -741,6 +741,8 @@ def main(argv=None) -> Path:
     if a.out:
         common.RESULTS = Path(a.out)
     logging.getLogger("agm_fast").setLevel(logging.WARNING)
+    if a.threads:  # before the CPU's GEMM peak is measured: the rows run with these threads
+        torch.set_num_threads(a.threads)
     suite = Suite(a)
     cuda = suite.device.type == "cuda"
     if cuda:  # the trainer's convs/matmuls as they train: TF32 on for fp32 rows (recorded in the JSON)
