@@ -174,15 +174,15 @@ def _importance_weights(v: torch.Tensor, scheme: str, favour: str, tau: float, c
         std = (torch.zeros(k, device=v.device).index_add_(0, bins, centred.square()) / count).sqrt()[bins]
         spread = std > 0
         s = torch.where(spread, centred / torch.where(spread, std, 1.0), 0.0).clamp(-clip, clip)
-        if not bool((s != 0).any()):
-            return torch.ones_like(v)
-        return b * torch.softmax(sign * s / tau, dim=0)
+        # all-equal V: w ≡ 1 exactly; decided on the device (no host sync, capturable)
+        return torch.where((s != 0).any(), b * torch.softmax(sign * s / tau, dim=0), 1.0)
+    if b == 1:
+        return torch.ones_like(v)
     centred = v - v.mean()
     std = centred.square().mean().sqrt()
-    if b == 1 or not bool(std > 0):
-        return torch.ones_like(v)
-    s = (centred / std).clamp(-clip, clip)
-    return b * torch.softmax(sign * s / tau, dim=0)
+    spread = std > 0
+    s = torch.where(spread, centred / torch.where(spread, std, 1.0), 0.0).clamp(-clip, clip)
+    return torch.where(spread, b * torch.softmax(sign * s / tau, dim=0), 1.0)
 
 
 # ----------------------------------------------------------------------------- the drift loss

@@ -121,7 +121,9 @@ def sample_index(value, batch: int | None = None, device: torch.device | str | N
         idx = value.detach().reshape(-1).to(torch.int64)
         if idx.device.type != "cpu" and device is not None:
             idx = idx.to(device)  # first, so that indices moving to the host are checked there
-        lo, hi = (int(idx.min()), int(idx.max())) if idx.device.type == "cpu" and idx.numel() else (0, 0)
+        # host indices are checked; device indices and traced ones (torch.compile) are trusted
+        host = idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling()
+        lo, hi = (int(idx.min()), int(idx.max())) if host else (0, 0)
     if lo < 0 or hi > MASK32:
         raise ValueError(f"global sample indices ({name}) must lie in [0, 2**32), got values in [{lo}, {hi}]")
     if idx is None:

@@ -61,8 +61,9 @@ def _mulhilo(m: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def philox4x32(c0, c1, c2, c3, k0: int, k1: int):
     """Philox4x32-10 on int64 tensors holding uint32 values (broadcastable); returns 4 tensors."""
     c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & MASK32 for c in (c0, c1, c2, c3))
-    k0 = torch.tensor(k0 & MASK32, dtype=torch.int64, device=c0.device)
-    k1 = torch.tensor(k1 & MASK32, dtype=torch.int64, device=c0.device)
+    # the keys stay Python ints (the round keys are constants of the seed): no host→device copy,
+    # so the noise can be captured in a CUDA graph and traced by torch.compile
+    k0, k1 = k0 & MASK32, k1 & MASK32
     for r in range(PHILOX_ROUNDS):
         if r:
             k0 = (k0 + PHILOX_W0) & MASK32

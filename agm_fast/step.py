@@ -228,6 +228,11 @@ class AGMStep:
         torch.manual_seed((self.cfg.train.seed * 1_000_003 + step + self.rank * 0x9E3779B97F4A7C15) % 2**63)
 
     # --- the pieces of the forward half; `step` is the Philox step word, an int or a 0-dim int64 device tensor
+    def _layout(self, x1):
+        """x1 in the drift net's layout (model.channels_last: NHWC), so the bridge samples, the net
+        and the loss all keep it: one conversion of the batch instead of one per op."""
+        return x1.contiguous(memory_format=torch.channels_last) if self.cfg.model.channels_last and x1.dim() == 4 else x1
+
     def _bridges(self, indices, x1, step):
         """t, x_t⁺ and x_t⁻ (same t, x0, ε)."""
         cfg, seed = self.cfg, self.cfg.train.seed
@@ -260,7 +265,7 @@ class AGMStep:
     def _forward(self, indices, x1, step):
         """The forward half over the whole per-rank batch in one piece (train.compile=step traces
         this): returns L_V, L_f (differentiable) and the diagnostics' inputs."""
-        b = x1.shape[0]
+        b, x1 = x1.shape[0], self._layout(x1)
         t, x_pos, x_neg = self._bridges(indices, x1, step)
         v_pos, v_neg, loss_v = self._potential_loss(x_pos, x_neg, t, b)
         out = self._drift_loss(x_pos, x1, t, indices, step, v_pos.detach(), t, 0, b)
@@ -269,7 +274,7 @@ class AGMStep:
     def _forward_backward(self, indices, x1, step):
         """Both losses and their gradients, micro-batch by micro-batch (V_φ first for every
         micro-batch: its sg-scores weight the whole batch)."""
-        b = x1.shape[0]  # this rank's batch: all of it for one process
+        b, x1 = x1.shape[0], self._layout(x1)  # this rank's batch: all of it for one process
         chunks = [slice(o, o + self.micro) for o in range(0, b, self.micro)]
         t, x_pos, x_neg = self._bridges(indices, x1, step)
         self.opt_v.zero_grad(set_to_none=True)
@@ -308,8 +313,7 @@ class AGMStep:
         if not isinstance(step, torch.Tensor):
             self._step_word.fill_(step)
             step = self._step_word
-        # at the graph breaks (the host checks of agm_fast.checks on CPU tensors, the reference
-        # weights' spread test) an output that is a view of a view is rebuilt with as_strided:
+        # at the graph breaks (the host checks of agm_fast.checks on CPU tensors) an output that is a view of a view is rebuilt with as_strided:
         # aot_autograd's view replay fails on them (IndexError in gen_alias_from_base, torch 2.13)
         with torch._functorch.config.patch(view_replay_for_aliased_outputs=False):
             loss_v, loss_f, *rest = self._forward_fn(indices, x1, step)

@@ -106,7 +106,9 @@ class Trainer:
         log.info("dataset: %s, %d images", cfg.data.path if cfg.data.dataset == "folder" else "shapes",
                  len(self.dataset))
         torch.manual_seed(t.seed)
-        self.drift = models.DriftUNet(**drift_arch(cfg)).to(self.device)
+        # execution settings, not architecture (checkpoints load across them); the EMA copy inherits them
+        self.drift = models.DriftUNet(**drift_arch(cfg)).to(self.device).set_fast_paths(
+            channels_last=cfg.model.channels_last, checkpointing=cfg.model.checkpointing)
         self.potential = models.PotentialNet(**potential_arch(cfg)).to(self.device)
         self.drift.resolve_attention_backend(self.device)  # logs the backend and why
         self.ema = copy.deepcopy(self.drift).eval().requires_grad_(False)
