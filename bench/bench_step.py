@@ -49,7 +49,8 @@ MFU = FLOPs per step / step time / peak. CUDA peak: dense bf16 tensor-core FLOP/
 labelled "measured fp32 mm": MFU on the CPU says how close the step is to this machine's own GEMM.
 
 Profiler categories (self time of every profiled op: device time on CUDA, CPU time on the CPU):
-conv/matmul, norm, elementwise (pointwise ops, reductions, padding, upsampling), layout copies
+conv/matmul, norm, elementwise (pointwise ops, reductions, padding, upsampling; in compiled rows
+inductor's fused kernels unless their name says norm, and on the CPU its unnamed C++ kernels), layout copies
 (copy_, _to_copy, contiguous, cat: autocast casts and NCHW↔NHWC transposes), attention (the whole
 self-attention blocks of the drift net: norm, projections, softmax/SDPA), optimiser (AdamW, gradient
 clipping, EMA, zero_grad), loss and bridge (t and noise, bridge samples, negatives, the weighted loss),
@@ -129,9 +130,10 @@ def op_category(name: str) -> str:
                        (_CONV, "conv/matmul"), (_LAYOUT, "layout copies")):
         if any(w in n for w in words):
             return cat
-    if n.startswith("aten::") or "fused" in n or "triton" in n or n.startswith("cpp_"):
+    if n.startswith("aten::") or "fused" in n or "triton" in n or n.startswith("cpp_") or "compiled" in n:
         # remaining aten ops are pointwise, reductions, views, padding, upsampling; compiled
-        # kernels without a norm in their name are fused pointwise/reduction kernels
+        # kernels without a norm in their name are fused pointwise/reduction kernels, and on the
+        # CPU inductor's C++ kernels run unnamed inside CompiledFunction / "Call CompiledFxGraph"
         return "elementwise"
     return "other"
 
@@ -673,7 +675,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     if not done:
         return None
     names = [r["name"] for r in done]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 3 + 0.55 * len(done)), sharey=True)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 4 + 0.55 * len(done)), sharey=True)
     y = range(len(done))
     ax1.barh(y, [r["img_per_s"] for r in done], color="tab:blue")
     ax1.set_xlabel("images / s")
@@ -684,11 +686,11 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
         vals = [r.get("categories_ms", {}).get(cat, 0.0) for r in done]
         ax2.barh(y, vals, left=left, color=colours(i), label=cat)
         left = [a + b for a, b in zip(left, vals)]
-    ax2.scatter([r["ms"] for r in done], list(y), marker="|", s=200, color="k", label="timed ms (unprofiled)")
+    ax2.scatter([r["ms"] for r in done], list(y), marker="|", s=200, color="k", label="timed ms (median, unprofiled)")
     ax2.set_xlabel("ms per step (profiler categories)")
     ax2.set_yticks(list(y), names, fontsize=7)
     ax2.invert_yaxis()
-    ax2.legend(fontsize=7, loc="lower right", ncol=2)
+    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08 - 1.0 / (3 + len(done))), ncol=5)
     fig.tight_layout()
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=110)

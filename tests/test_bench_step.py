@@ -157,6 +157,7 @@ def test_optimiser_region_takes_its_elementwise_ops():
     ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"), ("aten::_foreach_lerp_", "optimiser"),
     ("Optimizer.step#AdamW.step", "optimiser"), ("aten::upsample_nearest2d", "elementwise"),
     ("triton_red_fused_native_group_norm_silu_0", "norm"), ("triton_poi_fused_add_mul_1", "elementwise"),
+    ("CompiledFunction", "elementwise"), ("## Call CompiledFxGraph f3x ##", "elementwise"),
     ("cudaDeviceSynchronize", "other")])
 def test_op_category(name, category):
     assert bench_step.op_category(name) == category
