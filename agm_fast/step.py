@@ -23,8 +23,7 @@ diagnostics describe the global batch. Without `dist` the step runs no collectiv
 The trainer's loop, the step benchmark and the fast paths below call this same object, so what
 is benchmarked is what trains. Its diagnostics come back as device tensors; `diagnostics_row`
 reads them in one transfer. The guard reads one flag on the host (skipping an optimiser step
-needs to know that the step is not finite); the reference importance weights
-(bridge._importance_weights) read whether the batch's V spread is > 0 on the host too.
+needs to know that the step is not finite); nothing else in the step reads the device.
 
 Fast paths (docs/design.md §3; each checked against the eager step by tests/test_step_fast.py):
   optim.impl      `build_optimisers`: torch AdamW as for_loop, foreach or fused; auto = fused on
@@ -47,9 +46,9 @@ Fast paths (docs/design.md §3; each checked against the eager step by tests/tes
                   Captured once on CUDA; elsewhere the same body runs eagerly on the same buffers,
                   which is how the CPU tests check it against this step. check_cuda_graph lists
                   what it refuses (CPU, torchrun, compile=step, triton kernels, non-fused AdamW,
-                  dropout). Not yet verified on a GPU: agm_fast.rng builds its key words with
-                  torch.tensor (a host→device copy inside the capture) and the reference
-                  weights read the spread of V on the host; either should stop a capture.
+                  dropout). The capture is not yet verified on a GPU (the body has no host read
+                  or host→device copy: Philox keys are Python ints, the weights' all-equal case
+                  is a torch.where).
 """
 
 from __future__ import annotations
