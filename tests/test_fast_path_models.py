@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from agm_fast import config, models
 from agm_fast.checkpoint import drift_arch, potential_arch
 from agm_fast.models import DriftUNet, PotentialNet, ResBlock
-from agm_fast.step import AGMStep
+from agm_fast.step import AGMStep, build_optimisers
 
 from conftest import skip_unless_available
 
@@ -41,12 +41,7 @@ TINY = {**drift_arch(config.Config()), **dict(resolution=16, channels=12, channe
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-3}  # docs/design.md §3 (reductions; SDPA's bf16 floor)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny nets run faster on one thread
 
 
 def tiny_drift(seed=0, **overrides) -> DriftUNet:
@@ -310,10 +305,7 @@ def agm_run(channels_last, checkpointing, dropout, steps=4):
     drift = DriftUNet(**drift_arch(cfg)).set_fast_paths(channels_last=channels_last, checkpointing=checkpointing)
     potential = PotentialNet(**potential_arch(cfg))
     ema = copy.deepcopy(drift).eval().requires_grad_(False)
-    o = cfg.optim
-    opt_f = torch.optim.AdamW(drift.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-    opt_v = torch.optim.AdamW(potential.parameters(), lr=o.lr_potential, betas=tuple(o.betas),
-                              weight_decay=o.weight_decay)
+    opt_f, opt_v = build_optimisers(cfg, drift, potential, "for_loop")
     agm = AGMStep(cfg, drift, potential, ema, opt_f, opt_v, device=torch.device("cpu"), kernels="torch",
                   autocast_dtype=None)
     g = torch.Generator().manual_seed(1)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from agm_fast import config, dispatch, rng
-from agm_fast.step import AGMStep
+from agm_fast.step import AGMStep, build_optimisers
 
 ADAM_EPS = 1e-8  # torch's AdamW default; the trainer does not change it
 CLIP_EPS = 1e-6  # torch's clip_grad_norm_ divides by norm + 1e-6; far inside the tolerances below
@@ -36,14 +36,7 @@ BASE = ["train.kernels=torch", "train.precision=fp32", "train.device=cpu", "trai
         "ema.halflife_kimg=0.05"]  # β = 0.5^(8/50) ≈ 0.90: far from 1/2, so a reversed lerp shows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny nets gain nothing from intra-op threads, and on a loaded machine the thread hand-off
-    costs ~70× (a 16×2×8×8 conv: 19 ms with 2 threads, 0.3 ms with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny nets run faster on one thread
 
 
 def make_cfg(*overrides):
@@ -105,10 +98,7 @@ def build(cfg, drift, potential):
     with torch.no_grad():
         for p in ema.parameters():
             p.mul_(-0.5).add_(0.05)
-    o = cfg.optim
-    opt_f = torch.optim.AdamW(drift.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-    opt_v = torch.optim.AdamW(potential.parameters(), lr=o.lr_potential, betas=tuple(o.betas),
-                              weight_decay=o.weight_decay)
+    opt_f, opt_v = build_optimisers(cfg, drift, potential, "for_loop")
     step = AGMStep(cfg, drift, potential, ema, opt_f, opt_v, device=torch.device("cpu"), kernels="torch",
                    autocast_dtype=None)
     return ema, opt_f, opt_v, step

@@ -35,12 +35,7 @@ BASE = ["train.kernels=torch", "train.precision=fp32", "train.device=cpu", f"tra
         "optim.grad_clip=0.05", "optim.weight_decay=0.1", "ema.halflife_kimg=0.05", "model.predicts=drift"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny nets run faster on one thread
 
 
 class Drift(nn.Module):
