@@ -59,7 +59,8 @@ device's idle time on CUDA). Regions (data, attention, loss and bridge, optimise
 a backward op belongs to the region of the forward op that made its autograd node (sequence numbers).
 In eager rows the attention and loss/bridge regions are marked for the profiled steps only (forward
 hooks on the attention modules; record_function wrappers around the bridge/loss functions the step
-calls); compiled rows are unmarked and fall back to op names. The profiled steps are spread between
+calls); compile=nets rows mark the loss/bridge only, compile=step and CUDA-graph rows nothing
+(`regions_marked`: all | loss | none), and unmarked ops fall back to their names. The profiled steps are spread between
 the timed ones and the fastest is kept; its categories sum to its span, and `profile_ratio` = that
 span / the fastest unprofiled step (ms_min): both are the step least disturbed by other work on the
 machine, so the ratio measures what the profiler adds, not the load. It must be within 10 % of 1 for
@@ -203,9 +204,10 @@ def categorise(events, device_type: str) -> dict:
 
 
 @contextlib.contextmanager
-def _regions(trainer):
-    """Mark the attention blocks and the bridge/loss functions of the step for the profiler (eager
-    rows only, for the profiled steps only; restored afterwards)."""
+def _regions(trainer, attention: bool):
+    """Mark the bridge/loss functions of the step and (attention=True) the attention blocks for the
+    profiler, for the profiled steps only (restored afterwards). Only what runs eagerly is marked:
+    hooks or wrappers inside a compiled graph would make it recompile."""
     from torch.profiler import record_function
     from agm_fast import step as step_mod
     handles, stack = [], []
@@ -218,7 +220,7 @@ def _regions(trainer):
     def leave(mod, args, out):
         stack.pop().__exit__(None, None, None)
 
-    for m in trainer.drift.modules():
+    for m in trainer.drift.modules() if attention else ():
         if isinstance(m, models.SelfAttention):
             handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
     patched = []
@@ -322,11 +324,11 @@ def count_flops(run: Runner) -> int:
     return int(fc.get_total_flops())
 
 
-def profile_one(run: Runner, label_regions: bool) -> dict:
+def profile_one(run: Runner, regions: str) -> dict:
     """One step under torch.profiler, categorised."""
     from torch.profiler import ProfilerActivity, profile as tprofile, record_function
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.device.type == "cuda" else [])
-    ctx = _regions(run.trainer) if label_regions else contextlib.nullcontext()
+    ctx = _regions(run.trainer, attention=regions == "all") if regions != "none" else contextlib.nullcontext()
     with ctx, tprofile(activities=acts) as prof:
         run.sync()
         c0 = time.process_time()
@@ -337,7 +339,7 @@ def profile_one(run: Runner, label_regions: bool) -> dict:
     return dict(categorise(prof.events(), run.device.type), cpu_ms=cpu_ms)
 
 
-def timed_and_profiled(run: Runner, reps: int, n_prof: int, label_regions: bool) -> tuple[list[float], dict | None]:
+def timed_and_profiled(run: Runner, reps: int, n_prof: int, regions: str) -> tuple[list[float], dict | None]:
     """`reps` timed steps with `n_prof` profiled steps spread between them, so that both see the
     same machine (a shared CPU's load drifts within seconds). The profile kept is the fastest one
     (the least disturbed by other processes), with the number of profiled steps and, on the CPU,
@@ -348,7 +350,7 @@ def timed_and_profiled(run: Runner, reps: int, n_prof: int, label_regions: bool)
     for i, k in enumerate(blocks):
         times += step_times_ms(run, k, cpu)
         if i < n_prof:
-            profs.append(profile_one(run, label_regions))
+            profs.append(profile_one(run, regions))
     if not profs:
         return times, None
     out = dict(min(profs, key=lambda p: p["profiled_step_ms"]), steps=len(profs))
@@ -384,6 +386,14 @@ APPLIED = {"model.channels_last=true": ("drift.channels_last", True),
 def not_applied(overrides: list[str], impl: dict) -> list[str]:
     """Switches a row asks for that the trainer at this commit did not put into effect."""
     return [o for o in overrides if o in APPLIED and impl.get(APPLIED[o][0]) != APPLIED[o][1]]
+
+
+def marked_regions(overrides: list[str]) -> str:
+    """What the profiler can mark in a row: all regions (eager), the loss/bridge only (compile=nets:
+    the nets are compiled, the step around them is eager), none (compile=step, CUDA graph)."""
+    if is_eager(overrides):
+        return "all"
+    return "loss" if "train.compile=nets" in overrides and "train.cuda_graph=true" not in overrides else "none"
 
 
 def merge_overrides(base: list[str], adds) -> list[str]:
@@ -472,7 +482,7 @@ class Suite:
                 torch.cuda.reset_peak_memory_stats(self.device)
             eager = is_eager(extra)
             n_prof = profile_steps if profile_steps is not None else a.profile_steps
-            times, prof = timed_and_profiled(run, a.reps, n_prof, label_regions=eager)
+            times, prof = timed_and_profiled(run, a.reps, n_prof, regions=marked_regions(extra))
             ms = statistics.median(times)
             row.update(ms=ms, ms_min=min(times), ms_max=max(times), img_per_s=batch * 1e3 / ms)
             if self.device.type == "cuda":
@@ -491,7 +501,7 @@ class Suite:
             if prof is not None:
                 row.update(categories_ms=prof["categories_ms"], profiled_step_ms=prof["profiled_step_ms"],
                            other_host_or_idle_ms=prof["other_host_or_idle_ms"],
-                           profile_ratio=sum(prof["categories_ms"].values()) / min(times), regions_marked=eager,
+                           profile_ratio=sum(prof["categories_ms"].values()) / min(times), regions_marked=marked_regions(extra),
                            profiled_steps=prof["steps"])
                 if "cpu_ratio" in prof:
                     row["profile_cpu_ratio"] = prof["cpu_ratio"]

@@ -26,19 +26,31 @@ MEASURED = {"name": str, "group": str, "preset": str, "scheme": str, "batch": in
             "implementations": dict, "first_step_s": float, "ms": float, "ms_min": float, "ms_max": float,
             "img_per_s": float, "peak_mem_kind": str, "gflops_per_image": float, "tflops_per_s": float,
             "mfu": float, "categories_ms": dict, "profiled_step_ms": float, "other_host_or_idle_ms": float,
-            "profile_ratio": float, "profile_cpu_ratio": float, "regions_marked": bool, "profiled_steps": int}
+            "profile_ratio": float, "profile_cpu_ratio": float, "regions_marked": str, "profiled_steps": int}
 TOP = {"bench": str, "device": str, "torch": str, "command": str, "date": str, "notes": str, "rows": list}
+
+
+def _within_10_percent(doc) -> bool:
+    r = next((r for r in doc["rows"] if "ms" in r), None)
+    return r is not None and 0.9 <= r["profile_cpu_ratio"] <= 1.1
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
+    """One run of the suite; a second one if the first's CPU-time ratio missed the 10 % (on a shared
+    machine a neighbour can stretch one step's CPU time too: contended caches and cores). A
+    profiler that really distorts the step misses in both runs."""
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("bench")
-    path = bench_step.main(["--device", "cpu", "--preset", "demo32", "--batch", "32", "--schemes", "agm",
-                            "--rows", "fp32,fused_norm,cuda_graph", "--sizes", "none", "--threads", "1",
-                            "--set", "model.channels=16", "--set", "optim.impl=foreach", "--reps", "9", "--warmup", "1",
-                            "--profile-steps", "3", "--load-note", "test", "--out", str(out)])
-    return path, json.loads(path.read_text())
+    for attempt in range(2):
+        out = tmp_path_factory.mktemp("bench")
+        path = bench_step.main(["--device", "cpu", "--preset", "demo32", "--batch", "32", "--schemes", "agm",
+                                "--rows", "fp32,fused_norm,cuda_graph", "--sizes", "none", "--threads", "1",
+                                "--set", "model.channels=16", "--set", "optim.impl=foreach", "--reps", "9",
+                                "--warmup", "1", "--profile-steps", "3", "--load-note", "test", "--out", str(out)])
+        doc = json.loads(path.read_text())
+        if _within_10_percent(doc):
+            break
+    return path, doc
 
 
 def test_files_and_top_level(results):
@@ -58,7 +70,7 @@ def test_measured_row_schema(results):
     r = rows[0]
     for key, typ in MEASURED.items():
         assert key in r, key
-        assert isinstance(r[key], typ) and not isinstance(r[key], bool) or typ is bool, (key, r[key])
+        assert isinstance(r[key], typ) and not isinstance(r[key], bool), (key, r[key])
     assert r["peak_mem_kind"] == "cpu_rss_delta"
     assert r["peak_mem_gb"] is None or isinstance(r["peak_mem_gb"], float)
     assert r["resolution"] == 32 and r["batch"] == 32
@@ -67,7 +79,7 @@ def test_measured_row_schema(results):
     assert 0 < r["mfu"] < 1 and r["gflops_per_image"] > 0
     assert set(r["categories_ms"]) == set(bench_step.CATEGORIES)
     assert all(v >= 0 for v in r["categories_ms"].values())
-    assert r["regions_marked"] and r["profiled_steps"] == 3
+    assert r["regions_marked"] == "all" and r["profiled_steps"] == 3
 
 
 def test_cpu_skips_have_reasons(results):
@@ -167,3 +179,10 @@ def test_not_applied_names_switches_the_trainer_ignored():
     impl = {"drift.channels_last": False, "step.compile": "nets", "drift.norm_impl": "torch"}
     asked = ["train.precision=fp32", "model.channels_last=true", "train.compile=nets", "model.fused_norm=triton"]
     assert bench_step.not_applied(asked, impl) == ["model.channels_last=true", "model.fused_norm=triton"]
+
+
+def test_marked_regions():
+    assert bench_step.marked_regions(["train.precision=bf16", "model.channels_last=true"]) == "all"
+    assert bench_step.marked_regions(["train.compile=nets"]) == "loss"
+    assert bench_step.marked_regions(["train.compile=step", "train.kernels=torch"]) == "none"
+    assert bench_step.marked_regions(["train.compile=nets", "train.cuda_graph=true"]) == "none"
