@@ -16,8 +16,8 @@ import torch
 import bench_step
 from agm_fast import bridge, dispatch, models
 
-BATCH = 8          # demo32's nets at batch 8: a few tenths of a second per step on 2 cores
-THREADS = 2
+BATCH = 8          # demo32's nets at batch 8: about a tenth of a second per step on one core
+THREADS = 1        # comparable runs: two threads on cores other work shares wait at every OpenMP barrier
 
 
 @pytest.fixture(autouse=True)
