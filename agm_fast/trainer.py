@@ -257,6 +257,11 @@ class Trainer:
             self.stop_signal = f"{distributed.signal_name(flag >> 16)} (rank {flag & 0xFFFF})"
         return flag != 0
 
+    def train_step(self, indices: torch.Tensor, x1: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        """One optimiser step on a loader batch (global indices, images, step) with the configured
+        fast paths: what run() does per step and what bench/bench_step.py times."""
+        return (self.graphed or self.agm_step)(indices.to(self.device), x1, step)
+
     def run(self) -> dict:
         t = self.cfg.train
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -280,7 +285,7 @@ class Trainer:
             while self.step < t.steps and not self._stopping():
                 step, indices, x1 = next(it)
                 assert step == self.step, f"data loader at step {step}, trainer at {self.step}"
-                diag = (self.graphed or self.agm_step)(indices.to(self.device), x1, step)
+                diag = self.train_step(indices, x1, step)
                 if self.is_main:  # the diagnostics are the global batch's on every rank
                     row = diagnostics_row(step, diag, self.cfg)
                     if self.agm_step.compile_seconds is not None and "compile_seconds" not in self._timing_logged:

@@ -264,7 +264,7 @@ def build(preset: str, overrides: list[str]):
 
 
 class Runner:
-    """next(loader) + trainer.agm_step, as Trainer.run calls them."""
+    """next(loader) + Trainer.train_step, as Trainer.run calls them."""
 
     def __init__(self, trainer):
         self.trainer, self.it = trainer, iter(trainer.loader)
@@ -274,9 +274,7 @@ class Runner:
         from torch.profiler import record_function
         with record_function(REGION_PREFIX + "data"):
             step, indices, x1 = next(self.it)
-            indices = indices.to(self.device)
-        step_fn = getattr(self.trainer, "graphed", None) or self.trainer.agm_step  # as Trainer.run picks it
-        return step_fn(indices, x1, step)
+        return self.trainer.train_step(indices, x1, step)
 
     def sync(self):
         if self.device.type == "cuda":
