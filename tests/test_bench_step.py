@@ -36,11 +36,10 @@ def _within_10_percent(doc) -> bool:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, one_thread):
     """One run of the suite; a second one if the first's CPU-time ratio missed the 10 % (on a shared
     machine a neighbour can stretch one step's CPU time too: contended caches and cores). A
     profiler that really distorts the step misses in both runs."""
-    torch.set_num_threads(1)
     for attempt in range(2):
         out = tmp_path_factory.mktemp("bench")
         path = bench_step.main(["--device", "cpu", "--preset", "demo32", "--batch", "32", "--schemes", "agm",

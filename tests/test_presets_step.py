@@ -29,9 +29,11 @@ REDUCE_ABOVE = 50_000_000
 REDUCED = ["model.channels=16", "potential.channels=[8,16,32]"]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # 2 threads on 2 busy cores stall at every barrier
+
+
 @pytest.mark.parametrize("preset", config_mod.preset_names())
 def test_preset_runs_one_step(preset):
-    torch.set_num_threads(1)  # 2 threads on 2 busy cores stall at every OpenMP barrier (10× slower)
     cfg = config_mod.load(preset, ["data.path=unused"])
     with torch.device("meta"):  # the parameter count without allocating
         n_drift = models.count_parameters(models.DriftUNet(**drift_arch(cfg)))
