@@ -274,10 +274,26 @@ def aggregate_arm(runs: dict[int, dict]) -> dict:
             "eval_s": mean_std([r["eval_s"] for r in runs.values()])}
 
 
+def paired_against_baseline(arm: dict, baseline: dict) -> dict:
+    """Per eval step and metric, the per-seed differences arm − baseline (the same seed: the same
+    data order, initialisation and noise, so the pair differs only by the arm's change), their
+    mean ± std and in how many seeds the arm is lower (better)."""
+    out = {}
+    for step in arm["per_step"]:
+        if step not in baseline["per_step"]:
+            continue
+        seeds = [s for s in arm["runs"] if s in baseline["runs"]]
+        out[step] = {}
+        for k in METRICS:
+            diffs = [arm["runs"][s]["evals"][step][k] - baseline["runs"][s]["evals"][step][k] for s in seeds]
+            out[step][k] = {**mean_std(diffs), "per_seed": diffs, "lower_in": sum(d < 0 for d in diffs)}
+    return out
+
+
 def _pm(ms: dict | None, fmt: str) -> str:
     if not ms or ms["mean"] is None:
         return "–"
-    return f"{ms['mean']:{fmt}} ± {ms['std']:{fmt}}"
+    return f"{ms['mean']:{fmt}} ± {ms['std']:{fmt.lstrip('+')}}"
 
 
 def write_markdown(study: dict, path: Path) -> None:
@@ -295,7 +311,15 @@ def write_markdown(study: dict, path: Path) -> None:
                          f"{_pm(f.get('swd'), '.3g')} | {a['flops']['as_trained'] / 1e9:.3g} | "
                          f"{a['flops']['method'] / 1e9:.3g} | {_pm(a['wall_s'], '.0f')} s |")
     lines += ["", "Lower is better for every metric. GFLOP/step as trained: one AGMStep call (both arms train "
-              "V_φ in this trainer); method: what the arm needs by itself (drift-only: f_θ forward + backward)."]
+              "V_φ in this trainer); method: what the arm needs by itself (drift-only: f_θ forward + backward).",
+              "", "Paired by seed (same data order, initialisation and noise): arm − drift-only, mean ± std over "
+              "seeds, and in how many seeds the arm is lower (better).", "",
+              "| dataset | arm | step | Δ FD-EffLite0 | Δ KID | Δ SWD |", "|---|---|---|---|---|---|"]
+    for ds, arms in study["paired"].items():
+        for arm, steps in arms.items():
+            for step, m in steps.items():
+                cells = [f"{_pm(m[k], '+.3g')} ({m[k]['lower_in']}/{m[k]['n']})" for k in METRICS]
+                lines.append(f"| {ds} | {arm} | {step} | " + " | ".join(cells) + " |")
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -403,6 +427,8 @@ def main(argv=None) -> dict:
         "aggregation": "mean and sample std (ddof 1) over seeds, at eval steps every seed reached",
         "metrics_note": "FD-EffLite0 is a Fréchet distance on EfficientNet-Lite0 features, not FID; small N",
         "arms": study_arms,
+        "paired": {ds: {arm: paired_against_baseline(a, arms_["drift"]) for arm, a in arms_.items() if arm != "drift"}
+                   for ds, arms_ in study_arms.items()},
         "wall_s_this_invocation": round(time.perf_counter() - t_study, 1),
     }
     out.mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,8 @@ def test_smoke_study_outputs_and_resume(tmp_path, monkeypatch, capsys):
         assert agm["as_trained"] == drift["as_trained"]
         assert agm["method"] == drift["method"] + agm["potential_fwd_bwd_pos_neg"]
     table = (out / "study.md").read_text()
-    assert table.count("| fashion-mnist |") == 2 and table.count("| emoji |") == 2
+    assert table.count("| fashion-mnist |") == 2 + 2 and table.count("| emoji |") == 2 + 2  # + paired rows
+    assert set(study["paired"]["emoji"]) == {"agm"} and set(study["paired"]["emoji"]["agm"]) == {"1", "2"}
     assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the same command again: nothing retrained, nothing in the run folders touched
@@ -137,3 +138,14 @@ def test_aggregate_arm_by_hand():
     assert a["per_step"]["2"]["FD-EffLite0"]["mean"] == pytest.approx(10.0)  # (9 + 9 + 12) / 3
     assert a["per_step"]["2"]["FD-EffLite0"]["std"] == pytest.approx(math.sqrt(3.0))  # (1 + 1 + 4) / 2
     assert a["wall_s"]["mean"] == pytest.approx(12.0) and a["wall_s"]["std"] == pytest.approx(2.0)
+
+
+def test_paired_differences_by_hand():
+    def arm(values):  # FD-EffLite0 at step 4 per seed; the other metrics 0
+        runs = {s: {"evals": {"4": {"FD-EffLite0": v, "kid_mean": 0.0, "swd": 0.0}}} for s, v in values.items()}
+        return {"per_step": {"4": {}}, "runs": runs}
+    p = S.paired_against_baseline(arm({"0": 10.0, "1": 20.0, "2": 30.0}), arm({"0": 12.0, "1": 19.0, "2": 35.0}))
+    fd = p["4"]["FD-EffLite0"]
+    assert fd["per_seed"] == [-2.0, 1.0, -5.0] and fd["lower_in"] == 2 and fd["n"] == 3
+    assert fd["mean"] == pytest.approx(-2.0) and fd["std"] == pytest.approx(3.0)
+    assert p["4"]["swd"]["lower_in"] == 0  # a tie is not "lower"
