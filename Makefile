@@ -12,7 +12,7 @@ demo: $(STAMP)
 	@echo "wrote runs/demo/samples.png, runs/demo/loss.png, runs/demo/metrics.json"
 
 test: $(STAMP) $(DALI_STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 install: $(STAMP)
 
