@@ -300,7 +300,8 @@ def agm_run(channels_last, checkpointing, dropout, steps=4):
     cfg = config.load("demo32", ["train.kernels=torch", "train.precision=fp32", "train.device=cpu",
                                  "train.batch_size=4", "data.resolution=16", "model.channel_mult=[1,2]",
                                  "model.attention=sdpa", f"model.dropout={dropout}", "potential.channels=[4,4,4]",
-                                 "optim.lr=1e-2", "optim.warmup_steps=0"])
+                                 "optim.lr=1e-2", "optim.warmup_steps=0", f"model.channels_last={str(channels_last).lower()}",
+                                 f"model.checkpointing={str(checkpointing).lower()}"])
     torch.manual_seed(0)
     drift = DriftUNet(**drift_arch(cfg)).set_fast_paths(channels_last=channels_last, checkpointing=checkpointing)
     potential = PotentialNet(**potential_arch(cfg))

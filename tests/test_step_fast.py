@@ -396,7 +396,8 @@ def test_the_trainer_runs_channels_last_and_checkpointing_like_the_plain_net(tmp
     from agm_fast.trainer import Trainer
     seen = []
     runs = {}
-    for name, extra in (("plain", []), ("fast", ["model.channels_last=true", "model.checkpointing=true"])):
+    for name, extra in (("plain", ["model.channels_last=false"]),  # demo32 itself runs NHWC
+                        ("fast", ["model.channels_last=true", "model.checkpointing=true"])):
         tr = Trainer(config.load("demo32", TINY + [f"train.run_dir={tmp_path / name}", "train.steps=4"] + extra))
         if name == "fast":
             assert tr.drift.channels_last and tr.drift.checkpointing and tr.ema.channels_last
