@@ -166,13 +166,6 @@ def _gn_silu_bwd_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, t1_ptr, t2_ptr, mean_ptr, r
 
 # ----------------------------------------------------------------------------- launch
 
-def _layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(x in a dense layout the kernels address, whether it is channels_last (NHWC))."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return x, True
-    return x.contiguous(), False
-
-
 def _strides(x: torch.Tensor, channels_last: bool) -> tuple[int, int, int, int]:
     """(positions H·W, stride of n, of c, of one position) of a dense NCHW or NHWC tensor."""
     n_hw = x[0, 0].numel()
@@ -238,7 +231,7 @@ class GroupNormSiLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, t1, t2, stats = ctx.saved_tensors
-        dy = dy.contiguous(memory_format=torch.channels_last) if ctx.channels_last else dy.contiguous()
+        dy = utils.dense(dy, ctx.channels_last)
         dx, parts = _backward(dy, x, weight, bias, t1, t2, stats, ctx.groups, ctx.mode, ctx.channels_last)
         dw = parts[0].sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = parts[1].sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
@@ -299,7 +292,8 @@ def group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: to
         t1, t2 = _time_term("scale", scale, n, c, x.device), _time_term("shift", shift, n, c, x.device)
     elif e is not None or scale is not None or shift is not None:
         raise ValueError("mode='none' takes no time terms")
-    x, channels_last = _layout(x) if x.dim() == 4 else (x.contiguous(), False)
+    channels_last = utils.is_channels_last(x)  # NHWC as it is; anything else NCHW-dense
+    x = utils.dense(x, channels_last)
     return GroupNormSiLUFunction.apply(x, weight.contiguous(), bias.contiguous(), t1, t2, groups, eps, mode,
                                        channels_last)
 
